@@ -1,0 +1,72 @@
+"""emacore: exponential moving averages of model parameters, for every array library.
+
+The core is written against the Python array API standard and imports no array framework;
+backends (numpy, torch, jax, any plugin) are found through pluggy and loaded on first use.
+"""
+
+from emacore import functional, schedules
+from emacore._ema import EMA, ExponentialMovingAverage, LoadResult
+from emacore._generic import ArrayAPIBackend
+from emacore._plugins import (
+    DISABLE_AUTOLOAD_ENV,
+    ENTRY_POINT_GROUP,
+    Registry,
+    backends,
+    get_backend,
+    reset_registry,
+)
+from emacore._state import EMAState
+from emacore.backend import Backend, BackendSpec, Capabilities
+from emacore.errors import (
+    BackendConflictError,
+    DecayError,
+    EMAError,
+    EMAWarning,
+    LeafDTypeError,
+    LeafMismatchError,
+    PluginWarning,
+    ReadOnlyError,
+    StateDictError,
+    StructureError,
+    UnknownBackendError,
+)
+from emacore.hookspecs import hookimpl, hookspec
+
+__version__ = "0.1.0"
+
+__all__ = [
+    # the TensorFlow-compatible stateful API
+    "ExponentialMovingAverage",
+    "EMA",
+    "LoadResult",
+    # the functional API and its state
+    "functional",
+    "EMAState",
+    "schedules",
+    # backends and plugins
+    "backends",
+    "get_backend",
+    "hookimpl",
+    "hookspec",
+    "Backend",
+    "BackendSpec",
+    "Capabilities",
+    "ArrayAPIBackend",
+    "Registry",
+    "reset_registry",
+    "ENTRY_POINT_GROUP",
+    "DISABLE_AUTOLOAD_ENV",
+    # errors and warnings
+    "EMAError",
+    "DecayError",
+    "LeafMismatchError",
+    "LeafDTypeError",
+    "StructureError",
+    "ReadOnlyError",
+    "StateDictError",
+    "UnknownBackendError",
+    "BackendConflictError",
+    "EMAWarning",
+    "PluginWarning",
+    "__version__",
+]

@@ -1,0 +1,781 @@
+"""``ExponentialMovingAverage``: TensorFlow's stateful API, a thin façade over ``functional``.
+
+Leaves are identified by the rules of DESIGN.md §5. A *group* is a set of leaves updated
+together since they were created, so they share one :class:`EMAState` (count, decay product,
+latest decay); the common training loop has one group and pays for one dictionary lookup per
+step. ``apply`` validates everything (decay, shapes, dtypes, devices, writability) before it
+touches any shadow, so an update happens for every leaf or for none.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import warnings
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from emacore import _pytree, functional
+from emacore._debias import COMPAT_MODES, coefficient
+from emacore._state import EMAState
+from emacore.backend import Backend
+from emacore.errors import EMAWarning, LeafMismatchError, StateDictError, StructureError
+from emacore.schedules import Schedule, TFRamp, as_schedule, check_decay
+
+__all__ = ["EMA", "ExponentialMovingAverage", "LoadResult"]
+
+STATE_FORMAT = "emacore.ExponentialMovingAverage"
+STATE_VERSION = 1
+_IDENTITY, _POSITION, _NAME = "identity", "position", "name"
+
+
+class LoadResult(NamedTuple):
+    """What ``load_state_dict(strict=False)`` did not match (as torch reports it)."""
+
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+
+
+@dataclass
+class _Group:
+    """Leaves created and updated together: one state, one backend call per step."""
+
+    names: tuple[str, ...]
+    state: EMAState
+    backends: list[Backend]
+
+    def __post_init__(self) -> None:
+        self._index = {nm: i for i, nm in enumerate(self.names)}
+
+    def position(self, name: str) -> int:
+        return self._index[name]
+
+
+def _weak(x: Any) -> Callable[[], Any]:
+    try:
+        return weakref.ref(x)
+    except TypeError:  # not weak-referenceable: hold it (ids of live objects are never reused)
+        return lambda: x
+
+
+class ExponentialMovingAverage:
+    """Maintain moving averages of variables with exponential decay, as TensorFlow does.
+
+    Parameters
+    ----------
+    decay : float or Schedule
+        The decay in [0, 1], typically close to 1 (0.999, 0.9999); or a schedule, a callable of
+        the step (see :mod:`emacore.schedules`).
+    num_updates : int, 0-d array, callable or None
+        TF's optional update counter. When given, the decay used by each ``apply`` is
+        ``min(decay, (1 + n) / (10 + n))`` with ``n`` its value *at that apply*. Pass a 0-d
+        array you mutate (``n[...] = step``, ``n.fill_(step)``) or a zero-argument callable
+        (``lambda: trainer.step``); a plain int is a constant.
+    zero_debias : bool
+        Start shadows at zero and report averages divided by the bias correction.
+        The default correction is the exact ``1 - Π d_i``; ``compat="tensorflow"`` uses TF's.
+    name : str
+        Suffix of the averages' names: ``average_name(v) == "<v's name>/<name>"``.
+    compat : {"default", "tensorflow"}
+        ``"tensorflow"`` reproduces TF 2 bit for bit (float32 decay, TF's debias formula).
+    backend : str, optional
+        Force a backend by name instead of resolving it from each array's type.
+
+    Examples
+    --------
+    The TensorFlow documentation's example, on numpy:
+
+    >>> import numpy as np
+    >>> import emacore
+    >>> v = np.zeros((), np.float32)
+    >>> step = np.zeros((), np.int64)
+    >>> ema = emacore.ExponentialMovingAverage(0.99, num_updates=step)
+    >>> ema.apply([v]); float(ema.average(v))
+    0.0
+    >>> v[...] = 5.0; ema.apply([v]); float(ema.average(v))
+    4.5
+    >>> step[...] = 10_000; v[...] = 10.0; ema.apply([v]); round(float(ema.average(v)), 5)
+    4.555
+    """
+
+    def __init__(
+        self,
+        decay: float | Schedule,
+        num_updates: Any = None,
+        zero_debias: bool = False,
+        name: str = "ExponentialMovingAverage",
+        *,
+        compat: str = "default",
+        backend: str | None = None,
+    ) -> None:
+        if compat not in COMPAT_MODES:
+            raise ValueError(f"compat must be one of {COMPAT_MODES}, got {compat!r}")
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"name must be a non-empty string, got {name!r}")
+        if isinstance(decay, bool):
+            raise TypeError(f"decay must be a number or a schedule, got {decay!r}")
+        if callable(decay):
+            self._schedule: Schedule = decay
+        else:
+            number = check_decay(decay)
+            self._schedule = TFRamp(number) if num_updates is not None else as_schedule(number)
+        if isinstance(num_updates, (bool, str)):
+            raise TypeError(
+                "num_updates must be None, an int, a 0-d array or a zero-argument callable, "
+                f"got {num_updates!r}"
+            )
+        self._decay = decay
+        self._num_updates = num_updates
+        self._zero_debias = bool(zero_debias)
+        self._name = name
+        self._compat = compat
+        self._backend_name = backend
+        if backend is not None:
+            functional.resolve_backends([], [], backend)  # fails now on an unknown name
+        self._groups: dict[tuple[str, ...], _Group] = {}
+        self._where: dict[str, _Group] = {}
+        self._kinds: dict[str, str] = {}
+        self._order: list[str] = []
+        self._by_id: dict[int, str] = {}
+        self._refs: dict[str, Callable[[], Any]] = {}
+        self._by_pos: dict[int, str] = {}
+        self._positions: dict[str, int] = {}
+        self._seen: dict[str, Callable[[], Any]] = {}
+        self._orphans: set[str] = set()
+        self._pending: list[str] = []
+        self._counter = 0
+
+    # -- TF's read-only attributes -------------------------------------------------------
+
+    @property
+    def decay(self) -> float | Schedule:
+        """The decay given to the constructor."""
+        return self._decay
+
+    @property
+    def name(self) -> str:
+        """The name of this EMA, the suffix of every average's name."""
+        return self._name
+
+    @property
+    def zero_debias(self) -> bool:
+        """Whether shadows start at zero and averages are bias-corrected."""
+        return self._zero_debias
+
+    @property
+    def compat(self) -> str:
+        """``"default"`` or ``"tensorflow"``."""
+        return self._compat
+
+    def __repr__(self) -> str:
+        return (
+            f"ExponentialMovingAverage(decay={self._decay!r}, num_updates="
+            f"{self._num_updates!r}, zero_debias={self._zero_debias}, name={self._name!r}, "
+            f"compat={self._compat!r}) tracking {len(self._where)} leaves"
+        )
+
+    # -- apply ---------------------------------------------------------------------------
+
+    def apply(self, var_list: Any) -> None:
+        """Create shadows for new leaves, then update every leaf's shadow.
+
+        Parameters
+        ----------
+        var_list : array, list, tuple, dict or nested pytree of arrays
+            The current parameters. A plain list/tuple of mutable arrays (numpy, torch) is
+            tracked by array identity, as TF tracks variables; immutable arrays (JAX) in a plain
+            list by position; leaves in a dict or nested container by their key path.
+
+        Raises
+        ------
+        LeafMismatchError, LeafDTypeError, DecayError, ReadOnlyError, UnknownBackendError
+            Before any shadow changes.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> ema = ExponentialMovingAverage(0.5)
+        >>> params = {"w": np.ones(2)}
+        >>> ema.apply(params)
+        >>> params["w"] = params["w"] * 3  # rebinding is fine: leaves are keyed by name
+        >>> ema.apply(params); ema.average(params)["w"]
+        array([2., 2.])
+        """
+        leaves, treedef = _pytree.flatten(var_list)
+        if not leaves:
+            return
+        flat = treedef == _pytree.LEAF or (
+            treedef[0] in ("list", "tuple") and treedef[1] == (_pytree.LEAF,) * len(leaves)
+        )
+        forced_names = [f"#{i}" for i in range(len(leaves))] if self._backend_name else []
+        backends = functional.resolve_backends(leaves, forced_names, self._backend_name)
+        if flat:
+            names = self._flat_names(leaves, backends)
+        else:
+            names = list(_pytree.leaf_names(treedef))
+        names = self._update(names, leaves, backends)
+        if not flat:
+            self._remember(names, leaves)
+        else:
+            positional = [i for i, nm in enumerate(names) if self._kinds[nm] == _POSITION]
+            if positional:
+                self._remember([names[i] for i in positional], [leaves[i] for i in positional])
+
+    def _flat_names(self, leaves: Sequence[Any], backends: Sequence[Backend]) -> list[Any]:
+        """Names of a flat list's leaves; ``None`` where a leaf is new (named at commit)."""
+        names: list[Any] = []
+        by_id, by_pos = self._by_id, self._by_pos
+        for i, (x, b) in enumerate(zip(leaves, backends)):
+            names.append(
+                by_id.get(id(x)) if b.capabilities.mutable_arrays else by_pos.get(i, None)
+            )
+        seen: set[int] = set()
+        for x in leaves:
+            if id(x) in seen:
+                raise StructureError(
+                    "the same array appears twice in the list given to apply(); "
+                    "each tracked array needs its own shadow"
+                )
+            seen.add(id(x))
+        return names
+
+    def _read_num_updates(self) -> float | int | None:
+        n = self._num_updates
+        if n is None:
+            return None
+        if callable(n) and not hasattr(n, "shape"):
+            n = n()
+        shape = getattr(n, "shape", ())
+        if tuple(shape) != ():
+            raise ValueError(f"num_updates must be a scalar (0-d), got an array of shape {shape}")
+        try:
+            value: float | int = operator.index(n)
+        except TypeError:
+            try:
+                value = float(n)
+            except (TypeError, ValueError):
+                raise TypeError(f"num_updates must be a real number, got {n!r}") from None
+            if value.is_integer():
+                value = int(value)
+        return value
+
+    def _shadow_of(self, name: str) -> tuple[Any, Backend]:
+        group = self._where[name]
+        i = group.position(name)
+        return group.state.shadow[i], group.backends[i]
+
+    def _update(
+        self, names: list[Any], leaves: Sequence[Any], backends: Sequence[Backend]
+    ) -> list[str]:
+        key = tuple(names)
+        group = self._groups.get(key) if None not in key else None
+        n = self._read_num_updates()
+
+        # 1. Validate everything; nothing is modified until this block has passed.
+        if group is not None:
+            parts = [(group, list(range(len(names))))]
+            functional.check_pairs(
+                group.names, group.state.shadow, leaves, group.backends, backends
+            )
+        else:
+            names = list(names)
+            new_idx = [i for i, nm in enumerate(names) if nm is None or nm not in self._where]
+            pending = self._match_pending(names, leaves, new_idx)
+            for i, nm in pending.items():
+                names[i] = nm
+            new_idx = [i for i in new_idx if i not in pending]
+            parts = self._partition(names)
+            new_names = [self._display(names[i], i) for i in new_idx]
+            functional.check_floating(
+                [leaves[i] for i in new_idx], new_names, [backends[i] for i in new_idx]
+            )
+            old_idx = [i for i, nm in enumerate(names) if nm is not None and nm in self._where]
+            if old_idx:
+                pairs = [self._shadow_of(names[i]) for i in old_idx]
+                functional.check_pairs(
+                    [names[i] for i in old_idx],
+                    [s for s, _ in pairs],
+                    [leaves[i] for i in old_idx],
+                    [b for _, b in pairs],
+                    [backends[i] for i in old_idx],
+                )
+        decays = []
+        for part_group, idx in parts:
+            count = part_group.state.count if part_group is not None else 0
+            decays.append(functional.step_decay(self._schedule, count if n is None else n,
+                                                self._compat))
+        for part_group, idx in parts:
+            if part_group is not None:
+                for b in {id(b): b for b in part_group.backends}.values():
+                    b.check_writable(part_group.state.shadow, part_group.names)
+
+        # 2. Commit: create shadows, regroup, update.
+        if group is None:
+            names = self._commit_new(names, leaves, backends, new_idx, pending)
+            groups = [self._regroup(tuple(names[i] for i in idx), idx, leaves, backends)
+                      for _, idx in parts]
+        else:
+            groups = [group]
+        for g, (_, idx), d in zip(groups, parts, decays):
+            params = [leaves[i] for i in idx] if len(parts) > 1 else leaves
+            new = functional.apply_update(
+                g.state.shadow, params, g.backends, coefficient(d, self._compat), inplace=True
+            )
+            g.state = g.state.replace(shadow=new, **functional.advance(g.state, d))
+        return names
+
+    def _display(self, name: Any, i: int) -> str:
+        return name if isinstance(name, str) else f"new array #{i} of the list"
+
+    def _partition(self, names: Sequence[Any]) -> list[tuple[_Group | None, list[int]]]:
+        """Split requested leaves by their counters: leaves in one part update together."""
+        parts: dict[Any, list[int]] = {}
+        owners: dict[Any, _Group | None] = {}
+        for i, nm in enumerate(names):
+            g = self._where.get(nm) if nm is not None else None
+            key = (
+                (g.state.count, g.state.decay_product, g.state.last_decay)
+                if g is not None
+                else (0, 1.0, 1.0)
+            )
+            parts.setdefault(key, []).append(i)
+            owners.setdefault(key, g)
+        return [(owners[k], idx) for k, idx in parts.items()]
+
+    def _match_pending(
+        self, names: list[Any], leaves: Sequence[Any], new_idx: list[int]
+    ) -> dict[int, str]:
+        """Bind arrays new to a flat apply to shadows loaded from a state dict, in order."""
+        bound: dict[int, str] = {}
+        queue = list(self._pending)
+        for i in new_idx:
+            if names[i] is not None or not queue:
+                continue
+            cand = queue[0]
+            shadow, _ = self._shadow_of(cand)
+            if tuple(shadow.shape) == tuple(leaves[i].shape) and shadow.dtype == leaves[i].dtype:
+                bound[i] = queue.pop(0)
+        return bound
+
+    def _commit_new(
+        self,
+        names: list[Any],
+        leaves: Sequence[Any],
+        backends: Sequence[Backend],
+        new_idx: list[int],
+        pending: dict[int, str],
+    ) -> list[str]:
+        names = list(names)
+        for i, nm in pending.items():
+            self._pending.remove(nm)
+            self._bind_identity(nm, leaves[i])
+        fresh = new_idx
+        if not fresh:
+            return names
+        mutable_new = [i for i in fresh if names[i] is None and backends[i].capabilities.mutable_arrays]
+        if mutable_new and self._orphans:
+            warnings.warn(
+                f"apply() got {len(mutable_new)} array(s) it has never seen, while "
+                f"{len(self._orphans)} tracked array(s) were garbage-collected: code that "
+                "rebinds arrays (w = w - lr * g) and passes a plain list creates new shadows "
+                "every step. Update in place (w -= lr * g) or pass a dict so leaves are "
+                "tracked by name.",
+                EMAWarning,
+                stacklevel=3,
+            )
+        for i in fresh:
+            if names[i] is None:
+                names[i] = self._auto_name()
+                if backends[i].capabilities.mutable_arrays:
+                    self._kinds[names[i]] = _IDENTITY
+                    self._bind_identity(names[i], leaves[i])
+                else:
+                    self._kinds[names[i]] = _POSITION
+                    self._by_pos[i] = names[i]
+                    self._positions[names[i]] = i
+            else:
+                self._kinds[names[i]] = _NAME
+            self._order.append(names[i])
+        shadows = functional.create_shadows(
+            [leaves[i] for i in fresh], [backends[i] for i in fresh], zeros=self._zero_debias
+        )
+        fresh_names = tuple(names[i] for i in fresh)
+        group = _Group(
+            fresh_names,
+            EMAState(shadows, zero_debias=self._zero_debias, compat=self._compat),
+            [backends[i] for i in fresh],
+        )
+        self._add_group(group)
+        return names
+
+    def _auto_name(self) -> str:
+        while True:
+            name = "Variable" if self._counter == 0 else f"Variable_{self._counter}"
+            self._counter += 1
+            if name not in self._where:
+                return name
+
+    def _bind_identity(self, name: str, x: Any) -> None:
+        oid = id(x)
+        self._by_id[oid] = name
+        self._orphans.discard(name)
+
+        def forget(_: Any, oid: int = oid, name: str = name) -> None:
+            if self._by_id.get(oid) == name:
+                del self._by_id[oid]
+                self._orphans.add(name)
+
+        try:
+            self._refs[name] = weakref.ref(x, forget)
+        except TypeError:
+            self._refs[name] = lambda: x
+
+    def _add_group(self, group: _Group) -> None:
+        self._groups[group.names] = group
+        for nm in group.names:
+            self._where[nm] = group
+
+    def _regroup(
+        self,
+        names: tuple[str, ...],
+        idx: list[int],
+        leaves: Sequence[Any],
+        backends: Sequence[Backend],
+    ) -> _Group:
+        """Return the group holding exactly ``names``, splitting other groups as needed."""
+        existing = self._groups.get(names)
+        if existing is not None:
+            return existing
+        shadows, shadow_backends = [], []
+        for nm in names:
+            s, b = self._shadow_of(nm)
+            shadows.append(s)
+            shadow_backends.append(b)
+        template = self._where[names[0]].state
+        touched = {id(self._where[nm]): self._where[nm] for nm in names}
+        for old in touched.values():
+            del self._groups[old.names]
+            keep = [i for i, nm in enumerate(old.names) if nm not in set(names)]
+            if keep:
+                rest = _Group(
+                    tuple(old.names[i] for i in keep),
+                    old.state.replace(shadow=[old.state.shadow[i] for i in keep]),
+                    [old.backends[i] for i in keep],
+                )
+                self._add_group(rest)
+        group = _Group(names, template.replace(shadow=shadows), shadow_backends)
+        self._add_group(group)
+        return group
+
+    def _remember(self, names: Sequence[str], leaves: Sequence[Any]) -> None:
+        """Remember (weakly) the objects last applied under each name, for average(leaf)."""
+        for nm, x in zip(names, leaves):
+            self._seen[nm] = _weak(x)
+
+    # -- reading averages ------------------------------------------------------------------
+
+    def _name_of(self, x: Any) -> str | None:
+        name = self._by_id.get(id(x))
+        if name is not None:
+            return name
+        for nm, ref in self._seen.items():
+            if ref() is x:
+                return nm
+        for nm in self._kinds:
+            if self._kinds[nm] == _POSITION:
+                ref = self._seen.get(nm)
+                if ref is not None and ref() is x:
+                    return nm
+        return None
+
+    def _averages_of(self, names: Sequence[str]) -> list[Any]:
+        out = []
+        for nm in names:
+            group = self._where[nm]
+            i = group.position(nm)
+            out.append(
+                functional.averages(group.state, [group.state.shadow[i]], [group.backends[i]])[0]
+            )
+        return out
+
+    def average(self, var: Any) -> Any:
+        """Return the moving average of ``var``: a tracked leaf, or a container of them.
+
+        For a single array that is not tracked, returns ``None`` (as TensorFlow does). For a
+        container, returns the same container of averages, and raises ``KeyError`` naming
+        any leaf that is not tracked. Without ``zero_debias`` the averages are the shadow
+        arrays themselves; copy them before modifying.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> w = np.ones(2)
+        >>> ema = ExponentialMovingAverage(0.9)
+        >>> ema.apply([w]); ema.average([w])
+        [array([1., 1.])]
+        >>> ema.average(np.ones(2)) is None
+        True
+        """
+        leaves, treedef = _pytree.flatten(var)
+        if treedef == _pytree.LEAF:
+            name = self._name_of(var)
+            return None if name is None else self._averages_of([name])[0]
+        flat = treedef[0] in ("list", "tuple") and treedef[1] == (_pytree.LEAF,) * len(leaves)
+        if flat:
+            names = [self._name_of(x) for x in leaves]
+            for i, (nm, x) in enumerate(zip(names, leaves)):
+                if nm is None:
+                    positional = self._by_pos.get(i)
+                    if positional is not None and not self._is_mutable(x):
+                        names[i] = positional
+        else:
+            names = [nm if nm in self._where else None for nm in _pytree.leaf_names(treedef)]
+        missing = [
+            str(i if flat else _pytree.leaf_names(treedef)[i])
+            for i, nm in enumerate(names)
+            if nm is None or nm not in self._where
+        ]
+        if missing:
+            raise KeyError(
+                f"no moving average for leaves {missing[:10]} of the container given; "
+                "pass them to apply() first"
+            )
+        return _pytree.unflatten(treedef, self._averages_of(names))
+
+    def _is_mutable(self, x: Any) -> bool:
+        try:
+            return bool(functional.resolve_backends([x], [])[0].capabilities.mutable_arrays)
+        except Exception:
+            return False
+
+    def average_name(self, var: Any) -> str:
+        """Return the name of ``var``'s moving average: ``"<var's name>/<ema name>"``.
+
+        ``var`` is a tracked array or a leaf's name (its key path, e.g. ``"dense/kernel"``).
+        Arrays tracked from a plain list are named ``Variable``, ``Variable_1``, ... in the
+        order they were first seen, as TensorFlow names unnamed variables.
+
+        Examples
+        --------
+        >>> ExponentialMovingAverage(0.9).average_name("dense/kernel")
+        'dense/kernel/ExponentialMovingAverage'
+        """
+        if isinstance(var, str):
+            return f"{var}/{self._name}"
+        name = self._name_of(var)
+        if name is None:
+            raise KeyError(
+                f"{type(var).__qualname__} object is not tracked by this EMA; apply() it "
+                "first, or pass the leaf's name"
+            )
+        return f"{name}/{self._name}"
+
+    def variables_to_restore(self) -> dict[str, Any]:
+        """Map each average's name to the live object it shadows (for restoring averages).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> ema = ExponentialMovingAverage(0.9)
+        >>> params = {"w": np.zeros(1)}
+        >>> ema.apply(params)
+        >>> list(ema.variables_to_restore())
+        ['w/ExponentialMovingAverage']
+        """
+        out: dict[str, Any] = {}
+        for nm in self._order:
+            ref = self._refs.get(nm) or self._seen.get(nm)
+            obj = ref() if ref is not None else None
+            if obj is not None:
+                out[f"{nm}/{self._name}"] = obj
+        return out
+
+    # -- state dicts -----------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return the state as plain dicts, lists, numbers, strings and the shadow arrays.
+
+        The arrays are the shadows themselves (as torch's ``state_dict`` returns parameters):
+        copy them to keep a snapshot. Nothing in it needs pickle to be stored.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> ema = ExponentialMovingAverage(0.9)
+        >>> ema.apply({"w": np.zeros(1)})
+        >>> ema.state_dict()["leaves"]["w"]["count"]
+        1
+        """
+        spec = getattr(self._schedule, "spec", None)
+        leaves: dict[str, Any] = {}
+        for order, nm in enumerate(self._order):
+            group = self._where[nm]
+            st = group.state
+            leaves[nm] = {
+                "shadow": st.shadow[group.position(nm)],
+                "count": st.count,
+                "decay_product": st.decay_product,
+                "last_decay": st.last_decay,
+                "keyed_by": self._kinds[nm],
+                "position": self._positions.get(nm),
+                "order": order,
+            }
+        return {
+            "format": STATE_FORMAT,
+            "version": STATE_VERSION,
+            "name": self._name,
+            "zero_debias": self._zero_debias,
+            "compat": self._compat,
+            "schedule": spec() if spec is not None else repr(self._schedule),
+            "leaves": leaves,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any], strict: bool = True) -> LoadResult:
+        """Replace this EMA's shadows and counters with those in ``state``.
+
+        Arrays are copied into new shadows; ``state`` is not aliased. With ``strict`` the
+        leaves must be exactly those tracked now (any leaves, if nothing is tracked yet).
+        Arrays tracked by identity bind to the arrays next passed to ``apply`` as a plain
+        list, in the order they were first seen, as TF restores variables by creation order.
+
+        Returns
+        -------
+        LoadResult
+            ``missing_keys`` (tracked here, absent from ``state``) and ``unexpected_keys``
+            (in ``state``, not tracked here; ignored when not strict).
+
+        Raises
+        ------
+        StateDictError
+            ``state`` is malformed, was saved with another ``zero_debias``/``compat``, or (with
+            ``strict``) its leaves differ from the tracked ones. Nothing changes then.
+        """
+        leaves = self._parse_state(state)
+        current = set(self._where)
+        missing = sorted(current - set(leaves)) if current else []
+        unexpected = sorted(set(leaves) - current) if current else []
+        if strict and (missing or unexpected):
+            raise StateDictError(
+                f"state dict leaves differ from the tracked ones: missing {missing[:10]}, "
+                f"unexpected {unexpected[:10]}"
+            )
+        for nm, rec in leaves.items():
+            if nm in current:
+                shadow, _ = self._shadow_of(nm)
+                if tuple(shadow.shape) != tuple(rec["shadow"].shape):
+                    raise StateDictError(
+                        f"leaf {nm!r}: state dict shape {tuple(rec['shadow'].shape)} does not "
+                        f"match the tracked shadow's {tuple(shadow.shape)}"
+                    )
+        keep = {nm: rec for nm, rec in leaves.items() if not current or nm in current}
+        arrays = [rec["shadow"] for rec in keep.values()]
+        backends = functional.resolve_backends(arrays, list(keep), self._backend_name)
+        functional.check_floating(arrays, list(keep), backends)
+        copies = functional.create_shadows(arrays, backends, zeros=False)
+        self._install(keep, copies, backends, set(missing))
+        return LoadResult(missing, unexpected)
+
+    def _parse_state(self, state: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+        if not isinstance(state, Mapping) or state.get("format") != STATE_FORMAT:
+            raise StateDictError(
+                f"not an emacore EMA state dict (expected format {STATE_FORMAT!r}, got "
+                f"{state.get('format') if isinstance(state, Mapping) else type(state)!r})"
+            )
+        if state.get("version") != STATE_VERSION:
+            raise StateDictError(
+                f"state dict version {state.get('version')!r} is not supported (expected "
+                f"{STATE_VERSION})"
+            )
+        for key, mine in (("zero_debias", self._zero_debias), ("compat", self._compat)):
+            if state.get(key) != mine:
+                raise StateDictError(
+                    f"state dict was saved with {key}={state.get(key)!r}, this EMA has "
+                    f"{key}={mine!r}"
+                )
+        leaves = state.get("leaves")
+        if not isinstance(leaves, Mapping):
+            raise StateDictError("state dict has no 'leaves' mapping")
+        out: dict[str, dict[str, Any]] = {}
+        for nm, rec in leaves.items():
+            if not isinstance(nm, str) or not isinstance(rec, Mapping):
+                raise StateDictError(f"malformed leaf entry {nm!r}")
+            try:
+                parsed = {
+                    "shadow": rec["shadow"],
+                    "count": int(rec["count"]),
+                    "decay_product": float(rec["decay_product"]),
+                    "last_decay": float(rec["last_decay"]),
+                    "keyed_by": str(rec["keyed_by"]),
+                    "position": None if rec.get("position") is None else int(rec["position"]),
+                    "order": int(rec.get("order", len(out))),
+                }
+            except (KeyError, TypeError, ValueError) as exc:
+                raise StateDictError(f"leaf {nm!r}: malformed entry ({exc})") from None
+            if parsed["keyed_by"] not in (_IDENTITY, _POSITION, _NAME):
+                raise StateDictError(f"leaf {nm!r}: unknown keyed_by {parsed['keyed_by']!r}")
+            if parsed["count"] < 0 or not math.isfinite(parsed["decay_product"]):
+                raise StateDictError(f"leaf {nm!r}: invalid counters {dict(rec)!r}")
+            if not hasattr(parsed["shadow"], "shape"):
+                raise StateDictError(f"leaf {nm!r}: shadow is not an array")
+            out[nm] = parsed
+        return out
+
+    def _install(
+        self,
+        leaves: dict[str, dict[str, Any]],
+        copies: list[Any],
+        backends: list[Backend],
+        missing: set[str],
+    ) -> None:
+        old_where = self._where
+        kept = {nm: old_where[nm] for nm in missing}
+        self._groups, self._where = {}, {}
+        for g in {id(g): g for g in kept.values()}.values():
+            idx = [i for i, nm in enumerate(g.names) if nm in missing]
+            self._add_group(
+                _Group(
+                    tuple(g.names[i] for i in idx),
+                    g.state.replace(shadow=[g.state.shadow[i] for i in idx]),
+                    [g.backends[i] for i in idx],
+                )
+            )
+        parts: dict[Any, list[int]] = {}
+        names = list(leaves)
+        for i, nm in enumerate(names):
+            rec = leaves[nm]
+            parts.setdefault((rec["count"], rec["decay_product"], rec["last_decay"]), []).append(i)
+        for (count, product, last), idx in parts.items():
+            self._add_group(
+                _Group(
+                    tuple(names[i] for i in idx),
+                    EMAState(
+                        [copies[i] for i in idx],
+                        count=count,
+                        decay_product=product,
+                        last_decay=last,
+                        zero_debias=self._zero_debias,
+                        compat=self._compat,
+                    ),
+                    [backends[i] for i in idx],
+                )
+            )
+        ordered = sorted(names, key=lambda nm: leaves[nm]["order"])
+        self._order = [nm for nm in self._order if nm in missing] + ordered
+        self._pending = []
+        for nm in ordered:
+            rec = leaves[nm]
+            self._kinds[nm] = rec["keyed_by"]
+            if rec["keyed_by"] == _IDENTITY:
+                ref = self._refs.get(nm)
+                if ref is None or ref() is None:
+                    self._pending.append(nm)
+            elif rec["keyed_by"] == _POSITION and rec["position"] is not None:
+                self._by_pos[rec["position"]] = nm
+                self._positions[nm] = rec["position"]
+        auto = [nm for nm in self._order if nm.startswith("Variable")]
+        self._counter = max(self._counter, len(auto))
+
+
+EMA = ExponentialMovingAverage

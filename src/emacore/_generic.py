@@ -1,0 +1,112 @@
+"""The portable backend: any array with ``__array_namespace__`` (array-api-strict, dask, cupy...).
+
+Every method is written against the array API standard through ``array-api-compat``. Framework
+backends subclass :class:`ArrayAPIBackend` and override only what they do faster; the update
+here is the reference kernel applied leaf by leaf, which is what the fast paths are tested
+against.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from emacore._kernel import reference_update
+from emacore.backend import BackendSpec, Capabilities
+from emacore.hookspecs import hookimpl
+
+__all__ = ["ArrayAPIBackend", "GENERIC"]
+
+
+class ArrayAPIBackend:
+    """Backend for any array that implements the Python array API standard.
+
+    Parameters
+    ----------
+    name : str
+        The backend's registered name.
+    capabilities : Capabilities, optional
+        What the backend can do; the generic backend updates functionally.
+
+    Examples
+    --------
+    >>> import array_api_strict as xp
+    >>> backend = ArrayAPIBackend()
+    >>> backend.owns(xp.asarray([1.0]))
+    True
+    """
+
+    def __init__(self, name: str = "array_api", capabilities: Capabilities | None = None) -> None:
+        self.name = name
+        self.capabilities = capabilities or Capabilities(mutable_arrays=True)
+
+    def __repr__(self) -> str:
+        return f"<emacore backend {self.name!r}>"
+
+    def owns(self, x: Any) -> bool:
+        """Return True for any object exposing ``__array_namespace__``."""
+        return hasattr(x, "__array_namespace__")
+
+    def namespace(self, x: Any) -> Any:
+        """Return ``x``'s array-API namespace (wrapped by array-api-compat where needed)."""
+        import array_api_compat
+
+        return array_api_compat.array_namespace(x)
+
+    def device(self, x: Any) -> Any:
+        """Return ``x``'s device."""
+        import array_api_compat
+
+        return array_api_compat.device(x)
+
+    def is_floating(self, x: Any) -> bool:
+        """Return True if ``x`` has a real floating dtype."""
+        return bool(self.namespace(x).isdtype(x.dtype, "real floating"))
+
+    def create_shadows(self, params: Sequence[Any], *, zeros: bool) -> list[Any]:
+        """Return detached copies (or zeros) of ``params`` on their own devices."""
+        out = []
+        for p in params:
+            xp = self.namespace(p)
+            if zeros:
+                out.append(xp.zeros(p.shape, dtype=p.dtype, device=self.device(p)))
+            else:
+                out.append(xp.asarray(p, copy=True))
+        return out
+
+    def update(
+        self, shadows: Sequence[Any], params: Sequence[Any], c: float, *, inplace: bool
+    ) -> list[Any]:
+        """Return the reference update of every pair (functional: new arrays)."""
+        return [reference_update(s, p, c) for s, p in zip(shadows, params)]
+
+    def check_writable(self, shadows: Sequence[Any], names: Sequence[str]) -> None:
+        """Nothing to check: the generic backend never writes in place."""
+
+    def to_host(self, x: Any) -> Any:
+        """Return ``x`` copied to the host as a buffer numpy can read."""
+        import array_api_compat
+
+        host = getattr(x, "to_device", None)
+        if host is not None and not array_api_compat.is_numpy_array(x):
+            try:
+                x = x.to_device("cpu")
+            except Exception:  # a library without a "cpu" device string keeps its array
+                pass
+        return x
+
+
+GENERIC = ArrayAPIBackend()
+
+
+@hookimpl
+def emacore_backends() -> list[BackendSpec]:
+    """Declare the generic array-API backend."""
+    return [
+        BackendSpec(
+            "array_api",
+            (),
+            load=lambda: GENERIC,
+            description="any array with __array_namespace__ (portable, unfused)",
+        )
+    ]

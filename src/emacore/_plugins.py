@@ -1,0 +1,240 @@
+"""The plugin manager: built-in backends, entry-point plugins, conflicts, resolution cache.
+
+Order of registration: the generic array-API backend, then numpy/torch/jax (declared by
+``emacore_backends``, loaded only when first used), then third-party plugins from the
+``emacore`` entry-point group unless ``EMACORE_DISABLE_PLUGIN_AUTOLOAD`` is set. A plugin that
+fails to import or whose hook raises is skipped with a :class:`~emacore.errors.PluginWarning`;
+two backends with the same name raise :class:`~emacore.errors.BackendConflictError` naming
+both providers.
+
+Resolution never imports a framework to ask what an array is: it reads the top-level module of
+``type(x)``, loads only a backend that claims that module, confirms with ``owns`` and caches
+the answer per type.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import threading
+import warnings
+from collections.abc import Iterable
+from typing import Any
+
+import pluggy
+
+from emacore import hookspecs
+from emacore.backend import Backend, BackendSpec
+from emacore.errors import BackendConflictError, PluginWarning, UnknownBackendError
+
+__all__ = [
+    "DISABLE_AUTOLOAD_ENV",
+    "ENTRY_POINT_GROUP",
+    "Registry",
+    "backends",
+    "get_backend",
+    "get_registry",
+    "reset_registry",
+    "resolve",
+]
+
+ENTRY_POINT_GROUP = "emacore"
+DISABLE_AUTOLOAD_ENV = "EMACORE_DISABLE_PLUGIN_AUTOLOAD"
+_GENERIC_NAME = "array_api"
+
+
+def _autoload_disabled() -> bool:
+    return os.environ.get(DISABLE_AUTOLOAD_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+class Registry:
+    """Registered backends, by name, with a per-type resolution cache.
+
+    Parameters
+    ----------
+    autoload : bool, optional
+        Load plugins from the ``emacore`` entry-point group. Default: True unless the
+        environment variable ``EMACORE_DISABLE_PLUGIN_AUTOLOAD`` is set to a true value.
+    plugins : iterable, optional
+        Extra plugin objects (modules or instances with hookimpls) to register explicitly.
+
+    Examples
+    --------
+    >>> registry = Registry(autoload=False)
+    >>> "numpy" in registry.names()
+    True
+    """
+
+    def __init__(self, *, autoload: bool | None = None, plugins: Iterable[Any] = ()) -> None:
+        from emacore import _generic
+        from emacore_backends import _builtin
+
+        self._pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
+        self._pm.add_hookspecs(hookspecs)
+        self._pm.register(_generic, name="emacore.generic")
+        self._pm.register(_builtin, name="emacore_backends")
+        for plugin in plugins:
+            self._pm.register(plugin)
+        if autoload if autoload is not None else not _autoload_disabled():
+            self._load_entry_points()
+        self._pm.check_pending()
+        self._specs: dict[str, tuple[BackendSpec, str]] = {}
+        self._collect()
+        self._loaded: dict[str, Backend] = {}
+        self._by_type: dict[type, Backend] = {}
+        self._lock = threading.Lock()
+
+    def _load_entry_points(self) -> None:
+        for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+            if self._pm.get_plugin(ep.name) is not None or self._pm.is_blocked(ep.name):
+                continue
+            try:
+                plugin = ep.load()
+                self._pm.register(plugin, name=ep.name)
+            except Exception as exc:
+                warnings.warn(
+                    f"emacore plugin {ep.name!r} ({ep.value}) failed to load and was skipped: "
+                    f"{type(exc).__name__}: {exc}",
+                    PluginWarning,
+                    stacklevel=2,
+                )
+
+    def _collect(self) -> None:
+        for impl in self._pm.hook.emacore_backends.get_hookimpls():
+            provider = impl.plugin_name
+            try:
+                declared = impl.function()
+            except Exception as exc:
+                warnings.warn(
+                    f"emacore plugin {provider!r}: emacore_backends() raised "
+                    f"{type(exc).__name__}: {exc}; its backends were skipped",
+                    PluginWarning,
+                    stacklevel=3,
+                )
+                continue
+            for spec in declared or ():
+                if not isinstance(spec, BackendSpec) or not spec.name:
+                    warnings.warn(
+                        f"emacore plugin {provider!r} declared {spec!r}, which is not a "
+                        "BackendSpec with a name; skipped",
+                        PluginWarning,
+                        stacklevel=3,
+                    )
+                    continue
+                if spec.name in self._specs:
+                    other = self._specs[spec.name][1]
+                    raise BackendConflictError(
+                        f"two plugins register a backend named {spec.name!r}: {other!r} and "
+                        f"{provider!r}; uninstall one, or block it with "
+                        f"{DISABLE_AUTOLOAD_ENV}=1 and register the other explicitly"
+                    )
+                self._specs[spec.name] = (spec, provider)
+
+    def names(self) -> list[str]:
+        """Return the registered backend names, in registration order."""
+        return list(self._specs)
+
+    def provider(self, name: str) -> str:
+        """Return the name of the plugin that registered backend ``name``."""
+        return self._spec(name)[1]
+
+    def _spec(self, name: str) -> tuple[BackendSpec, str]:
+        try:
+            return self._specs[name]
+        except KeyError:
+            raise UnknownBackendError(
+                f"unknown emacore backend {name!r}; registered backends: {self.names()}"
+            ) from None
+
+    def get(self, name: str) -> Backend:
+        """Return the backend registered as ``name``, loading it on first use."""
+        backend = self._loaded.get(name)
+        if backend is not None:
+            return backend
+        spec, provider = self._spec(name)
+        with self._lock:
+            backend = self._loaded.get(name)
+            if backend is None:
+                try:
+                    backend = spec.load()
+                except ImportError as exc:
+                    raise UnknownBackendError(
+                        f"emacore backend {name!r} (from {provider!r}) cannot be used: "
+                        f"{exc}. Install its array library (e.g. pip install 'emacore[{name}]')."
+                    ) from exc
+                self._loaded[name] = backend
+        return backend
+
+    def resolve(self, x: Any) -> Backend:
+        """Return the backend that handles array ``x`` (cached per ``type(x)``)."""
+        t = type(x)
+        backend = self._by_type.get(t)
+        if backend is not None:
+            return backend
+        root = t.__module__.partition(".")[0]
+        for name, (spec, _) in self._specs.items():
+            if root in spec.array_modules:
+                candidate = self.get(name)
+                if candidate.owns(x):
+                    backend = candidate
+                    break
+        if backend is None:
+            generic = self.get(_GENERIC_NAME)
+            if not generic.owns(x):
+                raise UnknownBackendError(
+                    f"no emacore backend handles {t.__module__}.{t.__qualname__} objects "
+                    f"(registered backends: {self.names()}); expected an array with "
+                    "__array_namespace__ or one a plugin declares"
+                )
+            backend = generic
+        self._by_type[t] = backend
+        return backend
+
+
+_registry: Registry | None = None
+_registry_lock = threading.Lock()
+
+
+def get_registry() -> Registry:
+    """Return the process-wide registry, building it on first use."""
+    global _registry
+    if _registry is None:
+        with _registry_lock:
+            if _registry is None:
+                _registry = Registry()
+    return _registry
+
+
+def reset_registry(registry: Registry | None = None) -> None:
+    """Replace the process-wide registry (``None``: rebuild on next use). For tests and tools."""
+    global _registry
+    with _registry_lock:
+        _registry = registry
+
+
+def backends() -> list[str]:
+    """Return the names of the registered backends.
+
+    Examples
+    --------
+    >>> import emacore
+    >>> {"array_api", "numpy", "torch", "jax"} <= set(emacore.backends())
+    True
+    """
+    return get_registry().names()
+
+
+def get_backend(name: str) -> Backend:
+    """Return the backend registered as ``name`` (loading it on first use).
+
+    Raises
+    ------
+    UnknownBackendError
+        No backend has that name, or its array library is not installed.
+    """
+    return get_registry().get(name)
+
+
+def resolve(x: Any) -> Backend:
+    """Return the backend that handles the array ``x``."""
+    return get_registry().resolve(x)

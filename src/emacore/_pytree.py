@@ -1,0 +1,144 @@
+"""Flatten and rebuild nested containers of arrays, with leaf names by key path.
+
+A tree is a leaf (anything that is not a container), ``None`` (no leaves), or a ``dict``,
+``list``, ``tuple`` or namedtuple of trees. ``flatten`` returns the leaves and a hashable
+*treedef*; names are derived from the treedef once and cached, so a training loop that passes
+the same structure every step pays for a tuple comparison, not for string building.
+Dict keys are ordered by their string form when they are all strings (as JAX does), so two
+dicts with the same keys have the same structure whatever their insertion order.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+__all__ = ["LEAF", "ShadowList", "flatten", "is_flat_sequence", "leaf_names", "unflatten"]
+
+LEAF = "*"
+_NONE = ("none",)
+
+
+class ShadowList(list):  # type: ignore[type-arg]
+    """A flat list of shadows a backend created together, with the backend's notes on them.
+
+    ``backend_data`` lets a backend remember how it laid the shadows out (numpy packs them in
+    one buffer) without a lookup per step. ``flatten`` and ``unflatten`` pass the same object
+    through, so the notes survive a functional update of a flat list.
+    """
+
+    backend_data: Any = None
+
+
+def _is_namedtuple(t: type) -> bool:
+    return issubclass(t, tuple) and hasattr(t, "_fields")
+
+
+def _is_container_type(t: type) -> bool:
+    return t is type(None) or issubclass(t, (dict, list, tuple))
+
+
+def is_flat_sequence(tree: Any) -> bool:
+    """True for a plain list or tuple (not a namedtuple) whose items are all leaves."""
+    if type(tree) not in (list, tuple, ShadowList):
+        return False
+    return not any(_is_container_type(t) for t in set(map(type, tree)))
+
+
+def flatten(tree: Any) -> tuple[list[Any], Any]:
+    """Return ``(leaves, treedef)``.
+
+    Examples
+    --------
+    >>> leaves, treedef = flatten({"b": 2.0, "a": [1.0, None]})
+    >>> leaves
+    [1.0, 2.0]
+    >>> leaf_names(treedef)
+    ('a/0', 'b')
+    """
+    if is_flat_sequence(tree):
+        kind = "tuple" if type(tree) is tuple else "list"
+        return (tree if type(tree) is ShadowList else list(tree)), (kind, (LEAF,) * len(tree))
+    leaves: list[Any] = []
+    return leaves, _flatten_into(tree, leaves)
+
+
+def _sorted_keys(d: dict[Any, Any]) -> tuple[Any, ...]:
+    keys = tuple(d)
+    if all(type(k) is str for k in keys):
+        return tuple(sorted(keys))
+    return keys
+
+
+def _flatten_into(tree: Any, leaves: list[Any]) -> Any:
+    t = type(tree)
+    if tree is None:
+        return _NONE
+    if issubclass(t, dict):
+        keys = _sorted_keys(tree)
+        return ("dict", t, keys, tuple(_flatten_into(tree[k], leaves) for k in keys))
+    if issubclass(t, tuple) and _is_namedtuple(t):
+        return ("namedtuple", t, tuple(_flatten_into(v, leaves) for v in tree))
+    if issubclass(t, (list, tuple)):
+        kind = "list" if issubclass(t, list) else "tuple"
+        return (kind, tuple(_flatten_into(v, leaves) for v in tree))
+    leaves.append(tree)
+    return LEAF
+
+
+def unflatten(treedef: Any, leaves: list[Any]) -> Any:
+    """Rebuild the container described by ``treedef`` from ``leaves`` (inverse of flatten)."""
+    if type(leaves) is ShadowList and treedef == ("list", (LEAF,) * len(leaves)):
+        return leaves
+    it = iter(leaves)
+    return _build(treedef, it)
+
+
+def _build(treedef: Any, it: Any) -> Any:
+    if treedef == LEAF:
+        return next(it)
+    kind = treedef[0]
+    if kind == "none":
+        return None
+    if kind == "dict":
+        _, t, keys, children = treedef
+        built = {k: _build(c, it) for k, c in zip(keys, children)}
+        return built if t is dict else t(built)
+    if kind == "namedtuple":
+        _, t, children = treedef
+        return t(*(_build(c, it) for c in children))
+    children = treedef[1]
+    if kind == "list" and all(c == LEAF for c in children):
+        return [next(it) for _ in children]
+    items = [_build(c, it) for c in children]
+    return items if kind == "list" else tuple(items)
+
+
+@functools.lru_cache(maxsize=256)
+def leaf_names(treedef: Any) -> tuple[str, ...]:
+    """Return each leaf's key path, joined with ``/`` (``""`` for a bare leaf)."""
+    names: list[str] = []
+    _names_into(treedef, "", names)
+    return tuple(names)
+
+
+def _join(prefix: str, key: Any) -> str:
+    return f"{prefix}/{key}" if prefix else str(key)
+
+
+def _names_into(treedef: Any, prefix: str, out: list[str]) -> None:
+    if treedef == LEAF:
+        out.append(prefix)
+        return
+    kind = treedef[0]
+    if kind == "none":
+        return
+    if kind == "dict":
+        for k, c in zip(treedef[2], treedef[3]):
+            _names_into(c, _join(prefix, k), out)
+    elif kind == "namedtuple":
+        for field, c in zip(treedef[1]._fields, treedef[2]):
+            _names_into(c, _join(prefix, field), out)
+    else:
+        for i, c in enumerate(treedef[1]):
+            _names_into(c, _join(prefix, i), out)

@@ -1,0 +1,114 @@
+"""What a backend is: the protocol plugin authors implement and the record they declare.
+
+The core owns the math (schedules, debias, the update formula), validation, state and the
+public API. A backend owns what differs between array libraries: recognising its arrays, their
+namespace and device, making detached shadows, and the fastest correct way to run the update
+(in place, fused, jitted). :class:`emacore.ArrayAPIBackend` implements every method portably; a
+backend subclasses it and overrides only what it does better.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+__all__ = ["Backend", "BackendSpec", "Capabilities"]
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can do; drives the conformance tests and the docs' capability table.
+
+    Attributes
+    ----------
+    mutable_arrays : bool
+        The library's arrays can be modified in place, so a bare array passed to
+        ``apply`` is tracked by identity (as TF tracks variables) rather than by position.
+    inplace_update : bool
+        ``update(..., inplace=True)`` writes into the shadow arrays it is given.
+    fused_update : bool
+        One update call covers many leaves with less than one pass of Python per leaf.
+    """
+
+    mutable_arrays: bool = True
+    inplace_update: bool = False
+    fused_update: bool = False
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """The interface the core calls. Subclass :class:`emacore.ArrayAPIBackend` to get it all."""
+
+    name: str
+    capabilities: Capabilities
+
+    def owns(self, x: Any) -> bool:
+        """Return True if ``x`` is an array this backend handles."""
+        ...
+
+    def namespace(self, x: Any) -> Any:
+        """Return the array-API namespace of ``x``."""
+        ...
+
+    def device(self, x: Any) -> Any:
+        """Return the device ``x`` lives on."""
+        ...
+
+    def is_floating(self, x: Any) -> bool:
+        """Return True if ``x`` has a real floating dtype."""
+        ...
+
+    def create_shadows(self, params: Sequence[Any], *, zeros: bool) -> list[Any]:
+        """Return new shadows: detached copies of ``params`` (or zeros), on their devices."""
+        ...
+
+    def update(
+        self, shadows: Sequence[Any], params: Sequence[Any], c: float, *, inplace: bool
+    ) -> list[Any]:
+        """Return ``shadow - (shadow - param) * c`` for every pair.
+
+        With ``inplace=True`` and ``capabilities.inplace_update``, the shadows are written in
+        place and returned; otherwise new arrays are returned and the inputs are untouched.
+        The arithmetic must match :func:`emacore._kernel.reference_update` bit for bit.
+        """
+        ...
+
+    def check_writable(self, shadows: Sequence[Any], names: Sequence[str]) -> None:
+        """Raise :class:`emacore.errors.ReadOnlyError` naming any shadow that cannot be written."""
+        ...
+
+    def to_host(self, x: Any) -> Any:
+        """Return ``x`` as something ``numpy.asarray`` accepts (for checkpoints and tests)."""
+        ...
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """A backend declared by a plugin through the ``emacore_backends`` hook.
+
+    Attributes
+    ----------
+    name : str
+        The backend's unique name (``"numpy"``, ``"torch"``, ...).
+    array_modules : tuple of str
+        Top-level modules whose array types this backend claims (``type(x).__module__``'s first
+        component, e.g. ``("jax", "jaxlib")``). Resolution looks here first, without importing
+        anything, then asks the loaded backend's ``owns``.
+    load : callable
+        Zero-argument function returning the :class:`Backend`; called on first use only, so
+        declaring a backend never imports its framework.
+    description : str
+        One line for ``emacore.backends()`` listings and docs.
+
+    Examples
+    --------
+    >>> spec = BackendSpec("toy", ("toy_arrays",), load=lambda: None, description="toy arrays")
+    >>> spec.name
+    'toy'
+    """
+
+    name: str
+    array_modules: tuple[str, ...]
+    load: Callable[[], Backend] = field(repr=False)
+    description: str = ""

@@ -1,0 +1,324 @@
+"""The pure functional API: ``init`` / ``update`` / ``average`` over pytrees.
+
+State is explicit (:class:`EMAState`); ``update`` returns a new state and, unless asked to work
+in place, leaves its inputs untouched. The stateful :class:`emacore.ExponentialMovingAverage` is
+a thin façade over the helpers here, so both share one implementation of validation, decay,
+debias and dispatch to the backends.
+
+Examples
+--------
+>>> import numpy as np
+>>> from emacore import functional as F
+>>> params = {"w": np.zeros(3, np.float32)}
+>>> state = F.init(params)
+>>> state = F.update(state, {"w": np.full(3, 5.0, np.float32)}, decay=0.1)
+>>> F.average(state)["w"]
+array([4.5, 4.5, 4.5], dtype=float32)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from emacore import _plugins, _pytree
+from emacore._debias import COMPAT_MODES, coefficient, decay_at, exact_correction, tf_correction
+from emacore._precision import dtype_name
+from emacore._state import EMAState
+from emacore.backend import Backend
+from emacore.errors import LeafDTypeError, LeafMismatchError, StructureError, UnknownBackendError
+from emacore.schedules import Schedule, as_schedule
+
+__all__ = ["EMAState", "average", "init", "update"]
+
+
+def _check_compat(compat: str) -> None:
+    if compat not in COMPAT_MODES:
+        raise ValueError(f"compat must be one of {COMPAT_MODES}, got {compat!r}")
+
+
+def resolve_backends(
+    leaves: Sequence[Any], names: Sequence[str], backend: str | Backend | None = None
+) -> list[Backend]:
+    """Return the backend of every leaf (one lookup per distinct type).
+
+    With ``backend`` given (a name or a backend), every leaf must belong to it.
+    """
+    registry = _plugins.get_registry()
+    if backend is not None:
+        forced = registry.get(backend) if isinstance(backend, str) else backend
+        for name, leaf in zip(names, leaves):
+            if not forced.owns(leaf):
+                raise LeafMismatchError(
+                    f"leaf {name!r} is a {type(leaf).__module__}.{type(leaf).__qualname__}, "
+                    f"which backend {forced.name!r} does not handle"
+                )
+        return [forced] * len(leaves)
+    by_type = {t: registry.resolve(x) for t, x in {type(x): x for x in leaves}.items()}
+    return [by_type[type(x)] for x in leaves]
+
+
+def check_floating(leaves: Sequence[Any], names: Sequence[str], backends: Sequence[Backend]) -> None:
+    """Raise :class:`LeafDTypeError` naming the first leaf that is not a floating array."""
+    for name, leaf, backend in zip(names, leaves, backends):
+        if not backend.is_floating(leaf):
+            raise LeafDTypeError(
+                f"leaf {name!r} has dtype {leaf.dtype}; only real floating-point leaves can be "
+                "averaged (integer buffers such as step counters are not)"
+            )
+
+
+def check_pairs(
+    names: Sequence[str],
+    shadows: Sequence[Any],
+    params: Sequence[Any],
+    shadow_backends: Sequence[Backend],
+    param_backends: Sequence[Backend],
+) -> None:
+    """Raise :class:`LeafMismatchError` if a parameter does not match its shadow.
+
+    Checks backend, shape, dtype and device, in that order. The common case (everything
+    matches) costs a few list comparisons, not a Python loop with branches per leaf.
+    """
+    if list(map(id, shadow_backends)) != list(map(id, param_backends)):
+        for name, sb, pb in zip(names, shadow_backends, param_backends):
+            if sb is not pb:
+                raise LeafMismatchError(
+                    f"leaf {name!r}: got an array of backend {pb.name!r}, but its shadow "
+                    f"belongs to backend {sb.name!r}"
+                )
+    for attr in ("shape", "dtype"):
+        got = [getattr(p, attr) for p in params]
+        want = [getattr(s, attr) for s in shadows]
+        if got != want:
+            for name, g, w in zip(names, got, want):
+                if g != w:
+                    raise LeafMismatchError(
+                        f"leaf {name!r}: {attr} {_show(g)} does not match its shadow's "
+                        f"{attr} {_show(w)}"
+                    )
+    for backend in {id(b): b for b in shadow_backends}.values():
+        idx = [i for i, b in enumerate(shadow_backends) if b is backend]
+        for i in idx:
+            pd, sd = backend.device(params[i]), backend.device(shadows[i])
+            if pd != sd:
+                raise LeafMismatchError(
+                    f"leaf {names[i]!r}: parameter is on device {pd!r} but its shadow is on "
+                    f"{sd!r}; move the parameter back, or load the state onto {pd!r}"
+                )
+
+
+def _show(value: Any) -> str:
+    return str(tuple(value)) if isinstance(value, tuple) else str(value)
+
+
+def create_shadows(
+    params: Sequence[Any], backends: Sequence[Backend], *, zeros: bool
+) -> list[Any]:
+    """Create shadows for ``params``, one backend call per backend (so it can pack them)."""
+    out: list[Any] = [None] * len(params)
+    for backend in {id(b): b for b in backends}.values():
+        idx = [i for i, b in enumerate(backends) if b is backend]
+        made = backend.create_shadows([params[i] for i in idx], zeros=zeros)
+        for i, s in zip(idx, made):
+            out[i] = s
+    return out
+
+
+def step_decay(decay: Any, step: Any, compat: str) -> float:
+    """The decay for an update at ``step``: a number is constant; a schedule is evaluated."""
+    return decay_at(as_schedule(decay), step, compat)
+
+
+def apply_update(
+    shadows: Sequence[Any],
+    params: Sequence[Any],
+    backends: Sequence[Backend],
+    c: float,
+    *,
+    inplace: bool,
+) -> list[Any]:
+    """Run the (validated) update: one backend call per backend, order preserved."""
+    first = backends[0] if backends else None
+    if all(b is first for b in backends) and first is not None:
+        return first.update(shadows, params, c, inplace=inplace)
+    out: list[Any] = [None] * len(shadows)
+    for backend in {id(b): b for b in backends}.values():
+        idx = [i for i, b in enumerate(backends) if b is backend]
+        new = backend.update(
+            [shadows[i] for i in idx], [params[i] for i in idx], c, inplace=inplace
+        )
+        for i, s in zip(idx, new):
+            out[i] = s
+    return out
+
+
+def advance(state: EMAState, decay: float) -> dict[str, Any]:
+    """The scalar part of the new state after one update with ``decay``."""
+    return {
+        "count": state.count + 1,
+        "decay_product": state.decay_product * decay,
+        "last_decay": decay,
+    }
+
+
+def averages(state: EMAState, shadows: Sequence[Any], backends: Sequence[Backend]) -> list[Any]:
+    """Return the reported average of each shadow (debiased where the state says so)."""
+    if not state.zero_debias or state.count == 0:
+        return list(shadows)
+    if state.compat == "tensorflow":
+        c = coefficient(state.last_decay, state.compat)
+        # The factor is exact in each leaf's dtype, so the division is TF's.
+        return [
+            s / tf_correction(c, state.count, dtype_name(b.namespace(s), s.dtype))
+            for s, b in zip(shadows, backends)
+        ]
+    correction = exact_correction(state.decay_product)
+    # Python float64 until here; dividing casts it to each shadow's dtype, last.
+    return [s / correction for s in shadows]
+
+
+def init(
+    params: Any,
+    *,
+    zero_debias: bool = False,
+    compat: str = "default",
+    backend: str | Backend | None = None,
+) -> EMAState:
+    """Create the state of an EMA over the pytree ``params``.
+
+    Parameters
+    ----------
+    params : pytree of arrays
+        An array, or a dict/list/tuple/namedtuple nest of floating arrays.
+    zero_debias : bool
+        Start the shadows at zero and report debiased averages (as Adam's moments).
+        Otherwise the shadows start as copies of ``params``.
+    compat : {"default", "tensorflow"}
+        ``"tensorflow"`` reproduces TF 2's arithmetic bit for bit.
+    backend : str or Backend, optional
+        Force a backend instead of resolving it from the arrays' type.
+
+    Returns
+    -------
+    EMAState
+        ``count == 0``; shadows are fresh arrays on each parameter's device.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> init([np.ones(2)]).shadow
+    [array([1., 1.])]
+    """
+    _check_compat(compat)
+    leaves, treedef = _pytree.flatten(params)
+    names = _pytree.leaf_names(treedef)
+    backends = resolve_backends(leaves, names, backend)
+    check_floating(leaves, names, backends)
+    shadows = create_shadows(leaves, backends, zeros=zero_debias)
+    return EMAState(
+        _pytree.unflatten(treedef, shadows), zero_debias=bool(zero_debias), compat=compat
+    )
+
+
+def update(
+    state: EMAState,
+    params: Any,
+    decay: float | Schedule,
+    *,
+    step: Any = None,
+    inplace: bool = False,
+    backend: str | Backend | None = None,
+) -> EMAState:
+    """Return the state after one update: ``shadow ← shadow − (shadow − param)·(1 − d)``.
+
+    Parameters
+    ----------
+    state : EMAState
+        From :func:`init` or a previous :func:`update`.
+    params : pytree of arrays
+        The current parameters, in the structure ``state`` was built from.
+    decay : float or Schedule
+        A constant decay in [0, 1], or a schedule called with ``step``.
+    step : int, optional
+        The step a schedule is evaluated at; default ``state.count``.
+    inplace : bool
+        Write into the shadow arrays where the backend can (numpy, torch); the returned state
+        then shares them. Default False: inputs are not modified.
+    backend : str or Backend, optional
+        Force a backend instead of resolving it from the arrays' type.
+
+    Returns
+    -------
+    EMAState
+        The new state. Nothing is modified if any check fails.
+
+    Raises
+    ------
+    StructureError
+        ``params`` does not have the structure of ``state.shadow``.
+    LeafMismatchError
+        A parameter's shape, dtype, device or backend differs from its shadow's.
+    DecayError
+        The decay is NaN or outside [0, 1].
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> s = init(np.zeros(1, np.float32))
+    >>> update(s, np.full(1, 5.0, np.float32), 0.1).shadow
+    array([4.5], dtype=float32)
+    """
+    p_leaves, p_def = _pytree.flatten(params)
+    s_leaves, s_def = _pytree.flatten(state.shadow)
+    if p_def != s_def:
+        raise StructureError(_structure_diff(s_def, p_def))
+    names = _pytree.leaf_names(s_def)
+    d = step_decay(decay, state.count if step is None else step, state.compat)
+    s_backends = resolve_backends(s_leaves, names, backend)
+    p_backends = resolve_backends(p_leaves, names, backend)
+    check_pairs(names, s_leaves, p_leaves, s_backends, p_backends)
+    if inplace:
+        for b in {id(b): b for b in s_backends}.values():
+            idx = [i for i, x in enumerate(s_backends) if x is b]
+            b.check_writable([s_leaves[i] for i in idx], [names[i] for i in idx])
+    new = apply_update(
+        s_leaves, p_leaves, s_backends, coefficient(d, state.compat), inplace=inplace
+    )
+    return state.replace(shadow=_pytree.unflatten(s_def, new), **advance(state, d))
+
+
+def average(state: EMAState) -> Any:
+    """Return the averages in the parameters' structure (debiased if ``zero_debias``).
+
+    Without ``zero_debias`` these are the shadow arrays themselves (not copies).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> s = init({"w": np.zeros(1)}, zero_debias=True)
+    >>> s = update(s, {"w": np.ones(1)}, 0.9)
+    >>> average(s)["w"]
+    array([1.])
+    """
+    leaves, treedef = _pytree.flatten(state.shadow)
+    names = _pytree.leaf_names(treedef)
+    return _pytree.unflatten(treedef, averages(state, leaves, resolve_backends(leaves, names)))
+
+
+def _structure_diff(expected: Any, got: Any) -> str:
+    want, have = _pytree.leaf_names(expected), _pytree.leaf_names(got)
+    missing = [n for n in want if n not in set(have)]
+    unexpected = [n for n in have if n not in set(want)]
+    parts = ["the parameters' structure differs from the state's"]
+    if missing:
+        parts.append(f"missing leaves: {missing[:10]}")
+    if unexpected:
+        parts.append(f"unexpected leaves: {unexpected[:10]}")
+    if not missing and not unexpected:
+        parts.append(f"same leaf names {list(want)[:10]} in different container types")
+    return "; ".join(parts)
+
+
+# Re-exported for plugin authors' error handling.
+__all__ += ["UnknownBackendError"]
