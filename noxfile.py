@@ -1,0 +1,102 @@
+"""Automation: ``nox -s tests`` is what CI runs (see README and .ci/run)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import nox
+
+nox.options.default_venv_backend = "venv"
+nox.options.sessions = ["tests", "lint", "typecheck", "docs"]
+nox.options.error_on_missing_interpreters = True
+
+PY = "3.11"  # torch==2.13.0 (the CPU build on this machine's disk) exists for 3.11 only
+TORCH = "torch==2.13.0"
+PLUGIN_PKG = "tests/plugins/emacore_toy_plugin"
+
+TEST_DEPS = ["pytest>=8", "hypothesis>=6.100", "numpy>=1.26", "array-api-strict>=2.3"]
+BACKEND_DEPS = {
+    "numpy": [],
+    "array_api_strict": [],
+}
+
+
+def _has_gpu() -> bool:
+    if shutil.which("nvidia-smi") is None:
+        return False
+    return subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode == 0
+
+
+@nox.session(python=PY)
+@nox.parametrize("backend", list(BACKEND_DEPS))
+def tests(session: nox.Session, backend: str) -> None:
+    """The test suite, with the conformance suite run on one backend per session."""
+    session.install("-e", ".", *TEST_DEPS, *BACKEND_DEPS[backend])
+    session.install(PLUGIN_PKG)
+    session.run(
+        "pytest",
+        *session.posargs,
+        env={"EMACORE_TEST_BACKENDS": backend, "EMACORE_REQUIRE_PLUGIN": "1"},
+    )
+
+
+@nox.session(python=PY)
+def lint(session: nox.Session) -> None:
+    """ruff check and ruff format --check."""
+    session.install("ruff>=0.6")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session(python=PY)
+def typecheck(session: nox.Session) -> None:
+    """mypy --strict on the package."""
+    session.install("-e", ".", "mypy>=1.11", "numpy>=1.26", "pytest>=8", "hypothesis>=6.100")
+    session.run("mypy")
+
+
+@nox.session(python=PY)
+def docs(session: nox.Session) -> None:
+    """Build the documentation site strictly (warnings are errors)."""
+    session.install("-e", ".", "numpy>=1.26", "mkdocs-material>=9.5", "mkdocstrings[python]>=0.26")
+    session.run("mkdocs", "build", "--strict", "--site-dir", "site")
+
+
+@nox.session(python=PY)
+@nox.parametrize("backend", ["numpy"])
+def demo(session: nox.Session, backend: str) -> None:
+    """Train a small model with noisy SGD, keep an EMA, print and plot raw vs EMA curves."""
+    session.install("-e", ".", "numpy>=1.26", "matplotlib>=3.8", "scikit-learn>=1.3")
+    session.run(
+        "python", "examples/demo.py", "--backend", backend, "--out", "demo-output", *session.posargs
+    )
+
+
+@nox.session(python=PY)
+def bench(session: nox.Session) -> None:
+    """Benchmark the update against hand-written loops and the bandwidth floor."""
+    session.install("-e", ".", "numpy>=1.26")
+    session.run("python", "benchmarks/bench_update.py", *session.posargs)
+
+
+@nox.session(python=PY)
+def parity(session: nox.Session) -> None:
+    """Regenerate the TensorFlow reference fixtures with real TensorFlow (not run in CI)."""
+    session.install("tensorflow-cpu", "numpy")
+    session.run(
+        "python",
+        "tests/parity/generate_tf_fixtures.py",
+        "--out",
+        "tests/fixtures/tf_parity.json",
+    )
+
+
+@nox.session(python=PY)
+def gpu(session: nox.Session) -> None:
+    """Tests marked ``gpu``; runs only where a CUDA device is present."""
+    if not _has_gpu() and not os.environ.get("EMACORE_FORCE_GPU_SESSION"):
+        session.skip("no CUDA device (nvidia-smi -L failed or is absent)")
+    session.install("-e", ".", *TEST_DEPS, TORCH)
+    session.run("pytest", "-m", "gpu", *session.posargs)

@@ -1,0 +1,100 @@
+"""Backends under test: the conformance suite runs once per backend named in
+``EMACORE_TEST_BACKENDS`` (comma-separated; default: every backend importable here is *not*
+guessed: numpy and array_api_strict). A requested backend that cannot import is an error, never
+a skip, so a broken install cannot pass CI silently.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pytest
+
+
+@dataclass(frozen=True)
+class Lib:
+    """How the tests make and read arrays of one backend, on one device."""
+
+    name: str
+    backend: str
+    xp: Any
+    device: Any
+    mutable: bool
+    make: Callable[[np.ndarray], Any]
+    read: Callable[[Any], np.ndarray]
+    dtype: Callable[[str], Any]
+    device_of: Callable[[Any], Any]
+    set_value: Callable[[Any, np.ndarray], Any]
+
+    def __repr__(self) -> str:
+        return f"Lib({self.name})"
+
+
+def _numpy_lib() -> Lib:
+    def set_value(x: Any, v: np.ndarray) -> Any:
+        x[...] = v
+        return x
+
+    return Lib(
+        name="numpy",
+        backend="numpy",
+        xp=np,
+        device="cpu",
+        mutable=True,
+        make=lambda a: np.array(a, copy=True),
+        read=lambda x: np.array(x, copy=True),
+        dtype=lambda name: np.dtype(name),
+        device_of=lambda x: "cpu",
+        set_value=set_value,
+    )
+
+
+def _strict_lib() -> Lib:
+    xp = importlib.import_module("array_api_strict")
+    device = xp.Device("device1")  # a non-default device: placement must be kept
+    cpu = xp.__array_namespace_info__().default_device()
+
+    def read(x: Any) -> np.ndarray:
+        return np.asarray(x.to_device(cpu))
+
+    def set_value(x: Any, v: np.ndarray) -> Any:
+        x[...] = xp.asarray(v, device=x.device)
+        return x
+
+    return Lib(
+        name="array_api_strict",
+        backend="array_api",
+        xp=xp,
+        device=device,
+        mutable=True,
+        make=lambda a: xp.asarray(np.array(a, copy=True), device=device),
+        read=read,
+        dtype=lambda name: getattr(xp, name),
+        device_of=lambda x: x.device,
+        set_value=set_value,
+    )
+
+
+_LIBS: dict[str, Callable[[], Lib]] = {
+    "numpy": _numpy_lib,
+    "array_api_strict": _strict_lib,
+}
+
+
+def requested_backends() -> list[str]:
+    raw = os.environ.get("EMACORE_TEST_BACKENDS", "numpy,array_api_strict")
+    names = [n.strip() for n in raw.split(",") if n.strip()]
+    unknown = [n for n in names if n not in _LIBS]
+    if unknown:
+        raise pytest.UsageError(f"EMACORE_TEST_BACKENDS names unknown backends {unknown}")
+    return names
+
+
+@pytest.fixture(params=requested_backends(), scope="session")
+def lib(request: pytest.FixtureRequest) -> Lib:
+    return _LIBS[request.param]()
