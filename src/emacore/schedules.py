@@ -49,6 +49,8 @@ def check_decay(decay: Any, what: str = "decay") -> float:
     >>> check_decay(0.99)
     0.99
     """
+    if isinstance(decay, (str, bytes, bool)):
+        raise DecayError(f"{what} must be a real number in [0, 1], got {decay!r}")
     try:
         value = float(decay)
     except (TypeError, ValueError):

@@ -1,0 +1,208 @@
+"""The public contract (DESIGN.md §5) on every backend: numbers against float64 math,
+namespace/dtype/shape/device of every result, leaf identity rules, state dicts."""
+
+from __future__ import annotations
+
+import collections
+import gc
+from typing import Any
+
+import numpy as np
+import pytest
+
+import emacore
+from emacore import functional as F
+
+
+def ref_ema(values: list[np.ndarray], decays: list[float], zero_debias: bool) -> np.ndarray:
+    """Float64 reference: shadow starts at values[0] (or 0 with debias), then updates."""
+    s = np.zeros_like(values[0], np.float64) if zero_debias else values[0].astype(np.float64)
+    prod = 1.0
+    for v, d in zip(values, decays):
+        s = d * s + (1 - d) * v.astype(np.float64)
+        prod *= d
+    return s / (1 - prod) if zero_debias else s
+
+
+def test_contract_names() -> None:
+    assert emacore.EMA is emacore.ExponentialMovingAverage
+    assert callable(emacore.functional.init) and callable(emacore.functional.update)
+    assert callable(emacore.functional.average)
+    assert {"array_api", "numpy", "torch", "jax"} <= set(emacore.backends())
+    assert emacore.hookimpl.project_name == "emacore"
+    assert callable(emacore.schedules.TFRamp(0.9))
+
+
+@pytest.mark.parametrize("zero_debias", [False, True])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_stateful_matches_float64_reference(lib: Any, zero_debias: bool, dtype: str) -> None:
+    rng = np.random.default_rng(1)
+    values = [rng.standard_normal((3, 4)).astype(dtype) for _ in range(30)]
+    decays = [0.9] * 30
+    w = lib.make(values[0])
+    ema = emacore.EMA(0.9, zero_debias=zero_debias)
+    for v in values:
+        lib.set_value(w, v)
+        ema.apply([w])
+    avg = ema.average(w)
+    assert avg.dtype == lib.dtype(dtype)
+    assert tuple(avg.shape) == (3, 4)
+    assert lib.device_of(avg) == lib.device
+    tol = 1e-5 if dtype == "float32" else 1e-12
+    np.testing.assert_allclose(lib.read(avg), ref_ema(values, decays, zero_debias), rtol=tol, atol=tol)
+
+
+def test_dict_tree_rebinding_keeps_shadows(lib: Any) -> None:
+    rng = np.random.default_rng(2)
+    Pair = collections.namedtuple("Pair", "w b")
+    steps = [
+        {"dense": Pair(rng.standard_normal((2, 3)), rng.standard_normal(3)), "out": [rng.standard_normal(2)]}
+        for _ in range(5)
+    ]
+    ema = emacore.EMA(0.8)
+    for tree in steps:
+        params = {
+            "dense": Pair(lib.make(tree["dense"].w), lib.make(tree["dense"].b)),
+            "out": [lib.make(tree["out"][0])],
+        }  # fresh arrays every step, as JAX code (or w = w - lr * g) produces
+        ema.apply(params)
+    avg = ema.average(params)
+    assert isinstance(avg, dict) and isinstance(avg["dense"], Pair) and isinstance(avg["out"], list)
+    np.testing.assert_allclose(
+        lib.read(avg["dense"].w), ref_ema([t["dense"].w for t in steps], [0.8] * 5, False), rtol=1e-12
+    )
+    np.testing.assert_allclose(
+        lib.read(avg["out"][0]), ref_ema([t["out"][0] for t in steps], [0.8] * 5, False), rtol=1e-12
+    )
+    assert ema.average_name(params["dense"].w) == "dense/w/ExponentialMovingAverage"
+    assert set(ema.variables_to_restore()) == {
+        "dense/w/ExponentialMovingAverage",
+        "dense/b/ExponentialMovingAverage",
+        "out/0/ExponentialMovingAverage",
+    }
+
+
+def test_plain_list_tracks_mutable_arrays_by_identity(lib: Any) -> None:
+    a, b = lib.make(np.zeros(2)), lib.make(np.ones(2))
+    ema = emacore.EMA(0.5, name="avg")
+    ema.apply([a, b])
+    ema.apply((b,))  # TF semantics: a subset is fine; b's counters advance alone
+    lib.set_value(a, np.full(2, 4.0))
+    ema.apply([a, b])
+    np.testing.assert_allclose(lib.read(ema.average(a)), [2.0, 2.0])
+    np.testing.assert_allclose(lib.read(ema.average(b)), [1.0, 1.0])
+    assert ema.average_name(a) == "Variable/avg"
+    assert ema.average_name(b) == "Variable_1/avg"
+    sd = ema.state_dict()
+    assert sd["leaves"]["Variable"]["count"] == 2
+    assert sd["leaves"]["Variable_1"]["count"] == 3
+    other = [lib.make(np.zeros(2))]
+    assert ema.average(other[0]) is None  # TF returns None for an untracked variable
+    with pytest.raises(KeyError, match="no moving average"):
+        ema.average(other)
+
+
+def test_rebinding_a_plain_list_warns(lib: Any) -> None:
+    ema = emacore.EMA(0.9)
+    w = lib.make(np.zeros(3))
+    ema.apply([w])
+    with pytest.warns(emacore.EMAWarning, match="rebinds arrays"):
+        for _ in range(3):
+            w = lib.make(lib.read(w) + 1.0)  # a new object: the old one dies
+            gc.collect()
+            ema.apply([w])
+
+
+def test_functional_is_pure_and_matches_reference(lib: Any) -> None:
+    rng = np.random.default_rng(3)
+    values = [rng.standard_normal(5) for _ in range(6)]
+    params = {"w": lib.make(values[0])}
+    state = F.init(params)
+    before = lib.read(state.shadow["w"])
+    s1 = F.update(state, {"w": lib.make(values[1])}, 0.7)
+    np.testing.assert_array_equal(lib.read(state.shadow["w"]), before)  # not modified
+    assert state.count == 0 and s1.count == 1
+    s = s1
+    for v in values[2:]:
+        s = F.update(s, {"w": lib.make(v)}, 0.7)
+    want = ref_ema(values, [0.7] * len(values), zero_debias=False)
+    np.testing.assert_allclose(lib.read(F.average(s)["w"]), want, rtol=1e-12)
+    assert lib.device_of(F.average(s)["w"]) == lib.device
+
+
+def test_functional_schedule_uses_step(lib: Any) -> None:
+    ramp = emacore.schedules.TFRamp(0.99)
+    state = F.init([lib.make(np.zeros(1))], zero_debias=True)
+    values = [np.full(1, float(k)) for k in range(1, 6)]
+    for v in values:
+        state = F.update(state, [lib.make(v)], ramp)
+    decays = [min(0.99, (1 + n) / (10 + n)) for n in range(5)]
+    np.testing.assert_allclose(lib.read(F.average(state)[0]), ref_ema(values, decays, True), rtol=1e-12)
+    assert state.decay_product == pytest.approx(np.prod(decays), rel=1e-15)
+
+
+@pytest.mark.parametrize("kind", ["int", "array", "callable"])
+def test_num_updates_forms(lib: Any, kind: str) -> None:
+    step = {"n": 0}
+    counter = np.zeros((), np.int64)
+    num_updates = {"int": 5, "array": counter, "callable": lambda: step["n"]}[kind]
+    ema = emacore.EMA(0.99, num_updates=num_updates)
+    w = lib.make(np.zeros(1))
+    ema.apply([w])
+    lib.set_value(w, np.ones(1))
+    step["n"] = 5
+    counter[...] = 5
+    ema.apply([w])
+    d = min(0.99, 6 / 15)
+    np.testing.assert_allclose(lib.read(ema.average(w)), [1 - d], rtol=1e-12)
+
+
+def test_state_dict_round_trip(lib: Any) -> None:
+    rng = np.random.default_rng(4)
+    params = {"a": lib.make(rng.standard_normal(3)), "b": lib.make(rng.standard_normal((2, 2)))}
+    ema = emacore.EMA(0.9, zero_debias=True)
+    ema.apply(params)
+    params["a"] = lib.make(rng.standard_normal(3))
+    ema.apply(params)
+    sd = ema.state_dict()
+    fresh = emacore.EMA(0.9, zero_debias=True)
+    assert fresh.load_state_dict(sd) == emacore.LoadResult([], [])
+    for k in params:
+        np.testing.assert_array_equal(lib.read(fresh.average(params)[k]), lib.read(ema.average(params)[k]))
+    # copies, not aliases: advancing one does not move the other
+    new = {k: lib.make(rng.standard_normal(v.shape)) for k, v in params.items()}
+    fresh.apply(new)
+    ema.apply(new)
+    np.testing.assert_array_equal(lib.read(fresh.average(new)["a"]), lib.read(ema.average(new)["a"]))
+    fresh.apply(new)
+    assert not np.array_equal(lib.read(fresh.average(new)["a"]), lib.read(ema.average(new)["a"]))
+
+
+def test_state_dict_binds_identity_leaves_in_order(lib: Any) -> None:
+    a, b = lib.make(np.zeros(2)), lib.make(np.ones(3))
+    ema = emacore.EMA(0.5)
+    ema.apply([a, b])
+    sd = ema.state_dict()
+    restored = emacore.EMA(0.5)
+    restored.load_state_dict(sd)
+    a2, b2 = lib.make(np.full(2, 2.0)), lib.make(np.full(3, 3.0))
+    restored.apply([a2, b2])
+    np.testing.assert_allclose(lib.read(restored.average(a2)), [1.0, 1.0])
+    np.testing.assert_allclose(lib.read(restored.average(b2)), [2.0, 2.0, 2.0])
+    assert restored.average_name(b2) == "Variable_1/ExponentialMovingAverage"
+
+
+def test_load_state_dict_strict_reports_differences(lib: Any) -> None:
+    ema = emacore.EMA(0.5)
+    ema.apply({"a": lib.make(np.zeros(1)), "b": lib.make(np.zeros(1))})
+    sd = ema.state_dict()
+    other = emacore.EMA(0.5)
+    other.apply({"a": lib.make(np.zeros(1)), "c": lib.make(np.zeros(1))})
+    with pytest.raises(emacore.StateDictError, match=r"missing \['c'\], unexpected \['b'\]"):
+        other.load_state_dict(sd)
+    result = other.load_state_dict(sd, strict=False)
+    assert result == emacore.LoadResult(["c"], ["b"])
+    with pytest.raises(emacore.StateDictError, match="zero_debias"):
+        emacore.EMA(0.5, zero_debias=True).load_state_dict(sd)
+    with pytest.raises(emacore.StateDictError, match="format"):
+        emacore.EMA(0.5).load_state_dict({"leaves": {}})
