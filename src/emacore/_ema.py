@@ -483,11 +483,6 @@ class ExponentialMovingAverage:
         for nm, ref in self._seen.items():
             if ref() is x:
                 return nm
-        for nm in self._kinds:
-            if self._kinds[nm] == _POSITION:
-                ref = self._seen.get(nm)
-                if ref is not None and ref() is x:
-                    return nm
         return None
 
     def _averages_of(self, names: Sequence[str]) -> list[Any]:

@@ -174,6 +174,10 @@ def averages(state: EMAState, shadows: Sequence[Any], backends: Sequence[Backend
             for s, b in zip(shadows, backends)
         ]
     correction = exact_correction(state.decay_product)
+    if correction == 0.0:
+        # every decay so far was 1: no value has entered the average; report the zeros
+        # rather than 0/0 (TF's compat mode above keeps TF's NaN)
+        return list(shadows)
     # Python float64 until here; dividing casts it to each shadow's dtype, last.
     return [s / correction for s in shadows]
 
