@@ -21,7 +21,7 @@ from emacore import _pytree, functional
 from emacore._debias import COMPAT_MODES, coefficient
 from emacore._state import EMAState
 from emacore.backend import Backend
-from emacore.errors import EMAWarning, LeafMismatchError, StateDictError, StructureError
+from emacore.errors import EMAWarning, StateDictError, StructureError
 from emacore.schedules import Schedule, TFRamp, as_schedule, check_decay
 
 __all__ = ["EMA", "ExponentialMovingAverage", "LoadResult"]
@@ -211,10 +211,7 @@ class ExponentialMovingAverage:
         )
         forced_names = [f"#{i}" for i in range(len(leaves))] if self._backend_name else []
         backends = functional.resolve_backends(leaves, forced_names, self._backend_name)
-        if flat:
-            names = self._flat_names(leaves, backends)
-        else:
-            names = list(_pytree.leaf_names(treedef))
+        names = self._flat_names(leaves, backends) if flat else list(_pytree.leaf_names(treedef))
         names = self._update(names, leaves, backends)
         if not flat:
             self._remember(names, leaves)
@@ -228,9 +225,7 @@ class ExponentialMovingAverage:
         names: list[Any] = []
         by_id, by_pos = self._by_id, self._by_pos
         for i, (x, b) in enumerate(zip(leaves, backends)):
-            names.append(
-                by_id.get(id(x)) if b.capabilities.mutable_arrays else by_pos.get(i, None)
-            )
+            names.append(by_id.get(id(x)) if b.capabilities.mutable_arrays else by_pos.get(i, None))
         seen: set[int] = set()
         for x in leaves:
             if id(x) in seen:
@@ -274,6 +269,7 @@ class ExponentialMovingAverage:
         n = self._read_num_updates()
 
         # 1. Validate everything; nothing is modified until this block has passed.
+        parts: list[tuple[_Group | None, list[int]]]
         if group is not None:
             parts = [(group, list(range(len(names))))]
             functional.check_pairs(
@@ -302,11 +298,12 @@ class ExponentialMovingAverage:
                     [backends[i] for i in old_idx],
                 )
         decays = []
-        for part_group, idx in parts:
+        for part_group, _ in parts:
             count = part_group.state.count if part_group is not None else 0
-            decays.append(functional.step_decay(self._schedule, count if n is None else n,
-                                                self._compat))
-        for part_group, idx in parts:
+            decays.append(
+                functional.step_decay(self._schedule, count if n is None else n, self._compat)
+            )
+        for part_group, _ in parts:
             if part_group is not None:
                 for b in {id(b): b for b in part_group.backends}.values():
                     b.check_writable(part_group.state.shadow, part_group.names)
@@ -314,8 +311,10 @@ class ExponentialMovingAverage:
         # 2. Commit: create shadows, regroup, update.
         if group is None:
             names = self._commit_new(names, leaves, backends, new_idx, pending)
-            groups = [self._regroup(tuple(names[i] for i in idx), idx, leaves, backends)
-                      for _, idx in parts]
+            groups = [
+                self._regroup(tuple(names[i] for i in idx), idx, leaves, backends)
+                for _, idx in parts
+            ]
         else:
             groups = [group]
         for g, (_, idx), d in zip(groups, parts, decays):
@@ -374,7 +373,9 @@ class ExponentialMovingAverage:
         fresh = new_idx
         if not fresh:
             return names
-        mutable_new = [i for i in fresh if names[i] is None and backends[i].capabilities.mutable_arrays]
+        mutable_new = [
+            i for i in fresh if names[i] is None and backends[i].capabilities.mutable_arrays
+        ]
         if mutable_new and self._orphans:
             warnings.warn(
                 f"apply() got {len(mutable_new)} array(s) it has never seen, while "
@@ -537,7 +538,7 @@ class ExponentialMovingAverage:
                 f"no moving average for leaves {missing[:10]} of the container given; "
                 "pass them to apply() first"
             )
-        return _pytree.unflatten(treedef, self._averages_of(names))
+        return _pytree.unflatten(treedef, self._averages_of([str(nm) for nm in names]))
 
     def _is_mutable(self, x: Any) -> bool:
         try:

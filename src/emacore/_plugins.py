@@ -74,7 +74,12 @@ class Registry:
         self._pm.register(_generic, name="emacore.generic")
         self._pm.register(_builtin, name="emacore_backends")
         for plugin in plugins:
-            self._pm.register(plugin)
+            name = getattr(plugin, "__name__", None)
+            if not isinstance(name, str):
+                name = f"{type(plugin).__qualname__}@{id(plugin):#x}"
+            self._pm.register(plugin, name=name)
+        # explicitly given plugins must be valid; installed ones are skipped if not (below)
+        self._pm.check_pending()
         if autoload if autoload is not None else not _autoload_disabled():
             self._load_entry_points()
         self._pm.check_pending()
@@ -90,7 +95,14 @@ class Registry:
                 continue
             try:
                 plugin = ep.load()
+                if self._pm.is_registered(plugin):  # also passed explicitly via plugins=
+                    continue
                 self._pm.register(plugin, name=ep.name)
+                try:
+                    self._pm.check_pending()
+                except pluggy.PluginValidationError:
+                    self._pm.unregister(name=ep.name)
+                    raise
             except Exception as exc:
                 warnings.warn(
                     f"emacore plugin {ep.name!r} ({ep.value}) failed to load and was skipped: "
@@ -103,7 +115,8 @@ class Registry:
         for impl in self._pm.hook.emacore_backends.get_hookimpls():
             provider = impl.plugin_name
             try:
-                declared = impl.function()
+                result: Any = impl.function()
+                declared: list[Any] = list(result or ())
             except Exception as exc:
                 warnings.warn(
                     f"emacore plugin {provider!r}: emacore_backends() raised "
@@ -112,7 +125,7 @@ class Registry:
                     stacklevel=3,
                 )
                 continue
-            for spec in declared or ():
+            for spec in declared:
                 if not isinstance(spec, BackendSpec) or not spec.name:
                     warnings.warn(
                         f"emacore plugin {provider!r} declared {spec!r}, which is not a "

@@ -58,7 +58,9 @@ def resolve_backends(
     return [by_type[type(x)] for x in leaves]
 
 
-def check_floating(leaves: Sequence[Any], names: Sequence[str], backends: Sequence[Backend]) -> None:
+def check_floating(
+    leaves: Sequence[Any], names: Sequence[str], backends: Sequence[Backend]
+) -> None:
     """Raise :class:`LeafDTypeError` naming the first leaf that is not a floating array."""
     for name, leaf, backend in zip(names, leaves, backends):
         if not backend.is_floating(leaf):
@@ -112,9 +114,7 @@ def _show(value: Any) -> str:
     return str(tuple(value)) if isinstance(value, tuple) else str(value)
 
 
-def create_shadows(
-    params: Sequence[Any], backends: Sequence[Backend], *, zeros: bool
-) -> list[Any]:
+def create_shadows(params: Sequence[Any], backends: Sequence[Backend], *, zeros: bool) -> list[Any]:
     """Create shadows for ``params``, one backend call per backend (so it can pack them)."""
     out: list[Any] = [None] * len(params)
     for backend in {id(b): b for b in backends}.values():

@@ -89,7 +89,7 @@ class NumpyBackend(ArrayAPIBackend):
         return array_api_compat.numpy
 
     def device(self, x: Any) -> Any:
-        """numpy arrays all live on the CPU."""
+        """Return ``"cpu"``: numpy arrays all live on the host."""
         return "cpu"
 
     def is_floating(self, x: Any) -> bool:
@@ -127,7 +127,7 @@ class NumpyBackend(ArrayAPIBackend):
                 )
 
     def to_host(self, x: Any) -> Any:
-        """numpy arrays are already on the host."""
+        """Return ``x``: numpy arrays are already on the host."""
         return x
 
     def update(
@@ -174,7 +174,9 @@ class NumpyBackend(ArrayAPIBackend):
         while i < len(sizes):
             if sizes[i] < SMALL:
                 j = i
-                while j < len(sizes) and sizes[j] < SMALL and offsets[j + 1] - offsets[i] < SMALL * 8:
+                while (
+                    j < len(sizes) and sizes[j] < SMALL and offsets[j + 1] - offsets[i] < SMALL * 8
+                ):
                     j += 1
                 items.append(("gather", i, j, offsets[i], offsets[j]))
                 i = j
@@ -226,8 +228,10 @@ class NumpyBackend(ArrayAPIBackend):
         c: float,
         packing: _Packing | None,
     ) -> None:
-        if packing is not None and packing.scratch is None and any(
-            item[0] == "gather" for lane in lanes for item in lane
+        if (
+            packing is not None
+            and packing.scratch is None
+            and any(item[0] == "gather" for lane in lanes for item in lane)
         ):
             packing.scratch = np.empty_like(packing.base)
         if len(lanes) == 1:
@@ -271,7 +275,8 @@ class NumpyBackend(ArrayAPIBackend):
     ) -> None:
         for item in items:
             if item[0] == "gather":
-                assert packing is not None and packing.scratch is not None
+                assert packing is not None
+                assert packing.scratch is not None
                 _, i0, i1, lo, hi = item
                 p_flat = packing.scratch[lo:hi]
                 np.concatenate(params[i0:i1], axis=None, out=p_flat, casting="no")

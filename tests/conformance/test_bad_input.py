@@ -53,7 +53,10 @@ def test_shape_mismatch_names_leaf_and_changes_nothing(lib: Any) -> None:
     ema.apply(params)
     before = _snapshot(lib, ema, params)
     bad = {"a": lib.make(np.ones(2)), "b": lib.make(np.ones(4))}
-    with pytest.raises(emacore.LeafMismatchError, match=r"leaf 'b': shape \(4,\) does not match its shadow's shape \(3,\)"):
+    with pytest.raises(
+        emacore.LeafMismatchError,
+        match=r"leaf 'b': shape \(4,\) does not match its shadow's shape \(3,\)",
+    ):
         ema.apply(bad)
     _assert_same(before, _snapshot(lib, ema, params))
 
@@ -61,7 +64,9 @@ def test_shape_mismatch_names_leaf_and_changes_nothing(lib: Any) -> None:
 def test_dtype_mismatch(lib: Any) -> None:
     ema = emacore.EMA(0.9)
     ema.apply({"w": lib.make(np.zeros(2, np.float64))})
-    with pytest.raises(emacore.LeafMismatchError, match="leaf 'w': dtype .*float32.* shadow's dtype .*float64"):
+    with pytest.raises(
+        emacore.LeafMismatchError, match="leaf 'w': dtype .*float32.* shadow's dtype .*float64"
+    ):
         ema.apply({"w": lib.make(np.zeros(2, np.float32))})
 
 
@@ -76,7 +81,9 @@ def test_non_floating_leaf(lib: Any) -> None:
 
 def test_structure_changed_functional(lib: Any) -> None:
     state = F.init({"a": lib.make(np.zeros(1)), "b": lib.make(np.zeros(1))})
-    with pytest.raises(emacore.StructureError, match=r"missing leaves: \['b'\]; unexpected leaves: \['c'\]"):
+    with pytest.raises(
+        emacore.StructureError, match=r"missing leaves: \['b'\]; unexpected leaves: \['c'\]"
+    ):
         F.update(state, {"a": lib.make(np.zeros(1)), "c": lib.make(np.zeros(1))}, 0.9)
     Pair = collections.namedtuple("Pair", "a b")
     with pytest.raises(emacore.StructureError, match="different container types"):

@@ -64,7 +64,9 @@ def test_non_contiguous_parameters_and_shadows() -> None:
     state = F.init([param])
     new = rng.standard_normal((64, 64)).astype(np.float32)[::2, 1::3]
     out = F.update(state, [new], 0.9, inplace=True)
-    np.testing.assert_array_equal(out.shadow[0], reference_update(param.copy(), new, np.float32(0.1)))
+    np.testing.assert_array_equal(
+        out.shadow[0], reference_update(param.copy(), new, np.float32(0.1))
+    )
     loose = [np.asfortranarray(rng.standard_normal((5, 7)))]  # a non-C-contiguous shadow
     want = reference_update(loose[0].copy(), new[:5, :7].astype(np.float64), 0.3)
     npb.BACKEND.update(loose, [new[:5, :7].astype(np.float64)], 0.3, inplace=True)
@@ -96,7 +98,9 @@ def test_read_only_shadow_is_refused_and_nothing_changes() -> None:
     state.shadow["v"].flags.writeable = False
     before = state.shadow["w"].copy()
     with pytest.raises(emacore.ReadOnlyError, match="leaf 'v': its shadow is a read-only"):
-        F.update(state, {"w": np.ones(3, np.float32), "v": np.ones(2, np.float32)}, 0.5, inplace=True)
+        F.update(
+            state, {"w": np.ones(3, np.float32), "v": np.ones(2, np.float32)}, 0.5, inplace=True
+        )
     np.testing.assert_array_equal(state.shadow["w"], before)
     out = F.update(state, {"w": np.ones(3, np.float32), "v": np.ones(2, np.float32)}, 0.5)
     np.testing.assert_array_equal(out.shadow["v"], [0.5, 0.5])
