@@ -64,14 +64,31 @@ def docs(session: nox.Session) -> None:
     session.run("mkdocs", "build", "--strict", "--site-dir", "site")
 
 
+DEMO_DEPS = ["-e", ".", "numpy>=1.26", "matplotlib>=3.8", "scikit-learn>=1.3"]
+
+
+def _demo(session: nox.Session, backend: str, *extra: str) -> None:
+    session.install(*DEMO_DEPS, *extra)
+    out = f"demo-output/{backend}" if backend != "numpy" else "demo-output"
+    session.run("python", "examples/demo.py", "--backend", backend, "--out", out, *session.posargs)
+
+
 @nox.session(python=PY)
-@nox.parametrize("backend", ["numpy"])
-def demo(session: nox.Session, backend: str) -> None:
-    """Train a small model with noisy SGD, keep an EMA, print and plot raw vs EMA curves."""
-    session.install("-e", ".", "numpy>=1.26", "matplotlib>=3.8", "scikit-learn>=1.3")
-    session.run(
-        "python", "examples/demo.py", "--backend", backend, "--out", "demo-output", *session.posargs
-    )
+def demo(session: nox.Session) -> None:
+    """Train a small model with noisy SGD on numpy, keep an EMA, print and plot raw vs EMA."""
+    _demo(session, "numpy")
+
+
+@nox.session(python=PY)
+def demo_torch(session: nox.Session) -> None:
+    """The same demo, same code, on PyTorch (CPU)."""
+    _demo(session, "torch", TORCH)
+
+
+@nox.session(python=PY)
+def demo_jax(session: nox.Session) -> None:
+    """The same demo, same code, on JAX (CPU)."""
+    _demo(session, "jax", "jax")
 
 
 @nox.session(python=PY)

@@ -305,8 +305,9 @@ class ExponentialMovingAverage:
             )
         for part_group, _ in parts:
             if part_group is not None:
-                for b in {id(b): b for b in part_group.backends}.values():
-                    b.check_writable(part_group.state.shadow, part_group.names)
+                functional.check_writable(
+                    part_group.state.shadow, part_group.names, part_group.backends
+                )
 
         # 2. Commit: create shadows, regroup, update.
         if group is None:

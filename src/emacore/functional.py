@@ -125,6 +125,15 @@ def create_shadows(params: Sequence[Any], backends: Sequence[Backend], *, zeros:
     return out
 
 
+def check_writable(
+    shadows: Sequence[Any], names: Sequence[str], backends: Sequence[Backend]
+) -> None:
+    """Ask each backend whether it can write its own shadows in place."""
+    for backend in {id(b): b for b in backends}.values():
+        idx = [i for i, b in enumerate(backends) if b is backend]
+        backend.check_writable([shadows[i] for i in idx], [names[i] for i in idx])
+
+
 def step_decay(decay: Any, step: Any, compat: str) -> float:
     """The decay for an update at ``step``: a number is constant; a schedule is evaluated."""
     return decay_at(as_schedule(decay), step, compat)
@@ -283,9 +292,7 @@ def update(
     p_backends = resolve_backends(p_leaves, names, backend)
     check_pairs(names, s_leaves, p_leaves, s_backends, p_backends)
     if inplace:
-        for b in {id(b): b for b in s_backends}.values():
-            idx = [i for i, x in enumerate(s_backends) if x is b]
-            b.check_writable([s_leaves[i] for i in idx], [names[i] for i in idx])
+        check_writable(s_leaves, names, s_backends)
     new = apply_update(
         s_leaves, p_leaves, s_backends, coefficient(d, state.compat), inplace=inplace
     )

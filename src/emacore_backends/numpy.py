@@ -79,8 +79,8 @@ class NumpyBackend(ArrayAPIBackend):
         self._local = threading.local()
 
     def owns(self, x: Any) -> bool:
-        """Return True for ``numpy.ndarray`` (and subclasses)."""
-        return isinstance(x, np.ndarray)
+        """Return True for ``numpy.ndarray`` and numpy scalars (0-d results of arithmetic)."""
+        return isinstance(x, (np.ndarray, np.generic))
 
     def namespace(self, x: Any) -> Any:
         """Return numpy's array-API namespace."""
@@ -107,7 +107,7 @@ class NumpyBackend(ArrayAPIBackend):
             base = np.zeros(sum(sizes), dtype=dtype)
             offset = 0
             for i, n in zip(idx, sizes):
-                view = base[offset : offset + n].reshape(params[i].shape)
+                view = base[offset : offset + n].reshape(np.shape(params[i]))
                 if not zeros:
                     np.copyto(view, params[i])
                 out[i] = view

@@ -115,3 +115,19 @@ def test_functional_not_inplace_leaves_packed_state_untouched() -> None:
     again = F.update(new, [np.ones(10, np.float32), np.ones(3, np.float32)], 0.5, inplace=True)
     assert again.shadow[0] is new.shadow[0]
     np.testing.assert_array_equal(again.shadow[0], np.full(10, 0.75))
+
+
+def test_numpy_scalars_are_zero_d_leaves() -> None:
+    """``v - lr * g`` on a 0-d array gives a numpy scalar; it must stay a tracked leaf."""
+    ema = emacore.EMA(0.5)
+    params = {"b": np.zeros((), np.float32)}
+    ema.apply(params)
+    for value in (2.0, 4.0):
+        params = {"b": params["b"] * 0 + np.float32(value)}
+        assert isinstance(params["b"], np.float32)
+        ema.apply(params)
+    avg = ema.average(params)["b"]
+    assert isinstance(avg, np.ndarray)
+    assert avg.shape == ()
+    assert avg.dtype == np.float32
+    assert float(avg) == 0.5 * (0.5 * 0 + 0.5 * 2.0) + 0.5 * 4.0
