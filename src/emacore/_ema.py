@@ -1,7 +1,7 @@
 """``ExponentialMovingAverage``: TensorFlow's stateful API, a thin façade over ``functional``.
 
 Leaves are identified by the rules of DESIGN.md §5. A *group* is a set of leaves updated
-together since they were created, so they share one :class:`EMAState` (count, decay product,
+together since they were created, so they share one `EMAState` (count, decay product,
 latest decay); the common training loop has one group and pays for one dictionary lookup per
 step. ``apply`` validates everything (decay, shapes, dtypes, devices, writability) before it
 touches any shadow, so an update happens for every leaf or for none.
@@ -67,7 +67,7 @@ class ExponentialMovingAverage:
     ----------
     decay : float or Schedule
         The decay in [0, 1], typically close to 1 (0.999, 0.9999); or a schedule, a callable of
-        the step (see :mod:`emacore.schedules`).
+        the step (see `emacore.schedules`).
     num_updates : int, 0-d array, callable or None
         TF's optional update counter. When given, the decay used by each ``apply`` is
         ``min(decay, (1 + n) / (10 + n))`` with ``n`` its value *at that apply*. Pass a 0-d

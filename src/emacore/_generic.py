@@ -1,7 +1,7 @@
 """The portable backend: any array with ``__array_namespace__`` (array-api-strict, dask, cupy...).
 
 Every method is written against the array API standard through ``array-api-compat``. Framework
-backends subclass :class:`ArrayAPIBackend` and override only what they do faster; the update
+backends subclass `ArrayAPIBackend` and override only what they do faster; the update
 here is the reference kernel applied leaf by leaf, which is what the fast paths are tested
 against.
 """

@@ -3,8 +3,8 @@
 Order of registration: the generic array-API backend, then numpy/torch/jax (declared by
 ``emacore_backends``, loaded only when first used), then third-party plugins from the
 ``emacore`` entry-point group unless ``EMACORE_DISABLE_PLUGIN_AUTOLOAD`` is set. A plugin that
-fails to import or whose hook raises is skipped with a :class:`~emacore.errors.PluginWarning`;
-two backends with the same name raise :class:`~emacore.errors.BackendConflictError` naming
+fails to import or whose hook raises is skipped with a `emacore.errors.PluginWarning`;
+two backends with the same name raise `emacore.errors.BackendConflictError` naming
 both providers.
 
 Resolution never imports a framework to ask what an array is: it reads the top-level module of

@@ -1,7 +1,7 @@
 """Scalar arithmetic in IEEE binary16/32/64, done with the standard library only.
 
 TensorFlow computes the decay and ``1 - decay`` as float32 tensors. To reproduce its numbers bit
-for bit without importing a framework, we round Python floats through :mod:`struct`. A float32
+for bit without importing a framework, we round Python floats through `struct`. A float32
 ``+ - * /`` computed in float64 and rounded once is correctly rounded (53 >= 2*24 + 2 bits), so
 emulating each float32 operation this way gives exactly TensorFlow's result.
 """
@@ -45,7 +45,7 @@ def round_to(value: float, dtype_name: str) -> float:
 
 
 def f32(value: float) -> float:
-    """Round ``value`` to float32 (see :func:`round_to`)."""
+    """Round ``value`` to float32 (see `round_to`)."""
     return round_to(value, "float32")
 
 

@@ -16,7 +16,7 @@ class EMAState:
     ----------
     shadow : pytree of arrays
         The shadow of every parameter, in the parameters' structure. With ``zero_debias`` this is
-        the *biased* shadow (started at zero); :func:`emacore.functional.average` corrects it.
+        the *biased* shadow (started at zero); `emacore.functional.average` corrects it.
     count : int
         Number of updates applied (TF's ``local_step``).
     decay_product : float

@@ -3,7 +3,7 @@
 The core owns the math (schedules, debias, the update formula), validation, state and the
 public API. A backend owns what differs between array libraries: recognising its arrays, their
 namespace and device, making detached shadows, and the fastest correct way to run the update
-(in place, fused, jitted). :class:`emacore.ArrayAPIBackend` implements every method portably; a
+(in place, fused, jitted). `emacore.ArrayAPIBackend` implements every method portably; a
 backend subclasses it and overrides only what it does better.
 """
 
@@ -38,7 +38,7 @@ class Capabilities:
 
 @runtime_checkable
 class Backend(Protocol):
-    """The interface the core calls. Subclass :class:`emacore.ArrayAPIBackend` to get it all."""
+    """The interface the core calls. Subclass `emacore.ArrayAPIBackend` to get it all."""
 
     name: str
     capabilities: Capabilities
@@ -70,12 +70,12 @@ class Backend(Protocol):
 
         With ``inplace=True`` and ``capabilities.inplace_update``, the shadows are written in
         place and returned; otherwise new arrays are returned and the inputs are untouched.
-        The arithmetic must match :func:`emacore._kernel.reference_update` bit for bit.
+        The arithmetic must match `emacore._kernel.reference_update` bit for bit.
         """
         ...
 
     def check_writable(self, shadows: Sequence[Any], names: Sequence[str]) -> None:
-        """Raise :class:`emacore.errors.ReadOnlyError` naming any shadow that cannot be written."""
+        """Raise `emacore.errors.ReadOnlyError` naming any shadow that cannot be written."""
         ...
 
     def to_host(self, x: Any) -> Any:
@@ -96,7 +96,7 @@ class BackendSpec:
         component, e.g. ``("jax", "jaxlib")``). Resolution looks here first, without importing
         anything, then asks the loaded backend's ``owns``.
     load : callable
-        Zero-argument function returning the :class:`Backend`; called on first use only, so
+        Zero-argument function returning the `Backend`; called on first use only, so
         declaring a backend never imports its framework.
     description : str
         One line for ``emacore.backends()`` listings and docs.

@@ -1,7 +1,7 @@
 """The pure functional API: ``init`` / ``update`` / ``average`` over pytrees.
 
-State is explicit (:class:`EMAState`); ``update`` returns a new state and, unless asked to work
-in place, leaves its inputs untouched. The stateful :class:`emacore.ExponentialMovingAverage` is
+State is explicit (`EMAState`); ``update`` returns a new state and, unless asked to work
+in place, leaves its inputs untouched. The stateful `emacore.ExponentialMovingAverage` is
 a thin façade over the helpers here, so both share one implementation of validation, decay,
 debias and dispatch to the backends.
 
@@ -61,7 +61,7 @@ def resolve_backends(
 def check_floating(
     leaves: Sequence[Any], names: Sequence[str], backends: Sequence[Backend]
 ) -> None:
-    """Raise :class:`LeafDTypeError` naming the first leaf that is not a floating array."""
+    """Raise `LeafDTypeError` naming the first leaf that is not a floating array."""
     for name, leaf, backend in zip(names, leaves, backends):
         if not backend.is_floating(leaf):
             raise LeafDTypeError(
@@ -77,7 +77,7 @@ def check_pairs(
     shadow_backends: Sequence[Backend],
     param_backends: Sequence[Backend],
 ) -> None:
-    """Raise :class:`LeafMismatchError` if a parameter does not match its shadow.
+    """Raise `LeafMismatchError` if a parameter does not match its shadow.
 
     Checks backend, shape, dtype and device, in that order. The common case (everything
     matches) costs a few list comparisons, not a Python loop with branches per leaf.
@@ -248,7 +248,7 @@ def update(
     Parameters
     ----------
     state : EMAState
-        From :func:`init` or a previous :func:`update`.
+        From `init` or a previous `update`.
     params : pytree of arrays
         The current parameters, in the structure ``state`` was built from.
     decay : float or Schedule

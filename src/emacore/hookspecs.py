@@ -1,10 +1,12 @@
 """The pluggy hook specifications a backend plugin implements.
 
 A plugin is a module (or object) with functions marked ``@emacore.hookimpl`` whose names match
-the specs below, advertised in the ``emacore`` entry-point group::
+the specs below, advertised in the ``emacore`` entry-point group:
 
-    [project.entry-points.emacore]
-    mybackend = "my_package.emacore_plugin"
+```toml
+[project.entry-points.emacore]
+mybackend = "my_package.emacore_plugin"
+```
 
 Hooks *declare* records; the plugin manager validates them, rejects duplicate names (naming
 both providers) and decides resolution order.
@@ -33,7 +35,7 @@ def emacore_backends() -> list[BackendSpec]:  # type: ignore[empty-body]
     Called once per plugin when the registry is built. Declaring must be cheap and must not
     import the array library: put the import inside ``BackendSpec.load``.
 
-    :return: a list of :class:`emacore.BackendSpec` records (may be empty).
+    :return: a list of `emacore.BackendSpec` records (may be empty).
 
     Examples
     --------

@@ -30,7 +30,7 @@ class Schedule(Protocol):
 
 
 def check_decay(decay: Any, what: str = "decay") -> float:
-    """Return ``decay`` as a float, or raise :class:`~emacore.errors.DecayError`.
+    """Return ``decay`` as a float, or raise `emacore.errors.DecayError`.
 
     Parameters
     ----------
@@ -151,7 +151,7 @@ def _has_float64(xp: Any) -> bool:
 
 
 def as_schedule(decay: float | Schedule) -> Schedule:
-    """Return ``decay`` as a schedule: a number becomes :class:`Constant`.
+    """Return ``decay`` as a schedule: a number becomes `Constant`.
 
     Examples
     --------
