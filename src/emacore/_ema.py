@@ -48,6 +48,11 @@ class _Group:
 
     def __post_init__(self) -> None:
         self._index = {nm: i for i, nm in enumerate(self.names)}
+        # shadows never change shape or dtype: keep them for the per-step checks
+        self.specs = [(s.shape, s.dtype) for s in self.state.shadow]
+        self.self_checking = bool(self.backends) and all(
+            b is self.backends[0] and b.capabilities.self_checking for b in self.backends
+        )
 
     def position(self, name: str) -> int:
         return self._index[name]
@@ -146,6 +151,7 @@ class ExponentialMovingAverage:
         self._orphans: set[str] = set()
         self._pending: list[str] = []
         self._counter = 0
+        self._fast: dict[tuple[int, ...], tuple[_Group]] = {}
 
     # -- TF's read-only attributes -------------------------------------------------------
 
@@ -203,6 +209,15 @@ class ExponentialMovingAverage:
         >>> ema.apply(params); ema.average(params)["w"]
         array([2., 2.])
         """
+        if type(var_list) in (list, tuple):
+            # The training loop's case: the same arrays, updated in place, every step. Their
+            # ids identify the group with no flattening, type or name lookups; the cache is
+            # cleared whenever a tracked array dies (its id may be reused) or groups change.
+            ids = tuple(map(id, var_list))
+            hit = self._fast.get(ids)
+            if hit is not None:
+                self._update(hit[0], var_list, hit[0].backends, True, group=hit[0])
+                return
         leaves, treedef = _pytree.flatten(var_list)
         if not leaves:
             return
@@ -211,14 +226,28 @@ class ExponentialMovingAverage:
         )
         forced_names = [f"#{i}" for i in range(len(leaves))] if self._backend_name else []
         backends = functional.resolve_backends(leaves, forced_names, self._backend_name)
-        names = self._flat_names(leaves, backends) if flat else list(_pytree.leaf_names(treedef))
-        names = self._update(names, leaves, backends)
+        all_mutable = backends.count(backends[0]) == len(backends) and bool(
+            backends[0].capabilities.mutable_arrays
+        )
+        if not flat:
+            names = list(_pytree.leaf_names(treedef))
+        elif all_mutable:
+            names = list(map(self._by_id.get, map(id, leaves)))  # None: new (named at commit)
+        else:
+            names = self._flat_names(leaves, backends)
+        names = self._update(names, leaves, backends, flat)
+        if (
+            flat
+            and all_mutable
+            and type(var_list) in (list, tuple)
+            and tuple(names) in self._groups
+        ):
+            self._fast[ids] = (self._groups[tuple(names)],)
         if not flat:
             self._remember(names, leaves)
-        else:
+        elif not all_mutable:
             positional = [i for i, nm in enumerate(names) if self._kinds[nm] == _POSITION]
-            if positional:
-                self._remember([names[i] for i in positional], [leaves[i] for i in positional])
+            self._remember([names[i] for i in positional], [leaves[i] for i in positional])
 
     def _flat_names(self, leaves: Sequence[Any], backends: Sequence[Backend]) -> list[Any]:
         """Names of a flat list's leaves; ``None`` where a leaf is new (named at commit)."""
@@ -226,14 +255,6 @@ class ExponentialMovingAverage:
         by_id, by_pos = self._by_id, self._by_pos
         for i, (x, b) in enumerate(zip(leaves, backends)):
             names.append(by_id.get(id(x)) if b.capabilities.mutable_arrays else by_pos.get(i, None))
-        seen: set[int] = set()
-        for x in leaves:
-            if id(x) in seen:
-                raise StructureError(
-                    "the same array appears twice in the list given to apply(); "
-                    "each tracked array needs its own shadow"
-                )
-            seen.add(id(x))
         return names
 
     def _read_num_updates(self) -> float | int | None:
@@ -262,20 +283,46 @@ class ExponentialMovingAverage:
         return group.state.shadow[i], group.backends[i]
 
     def _update(
-        self, names: list[Any], leaves: Sequence[Any], backends: Sequence[Backend]
+        self,
+        names: Any,
+        leaves: Sequence[Any],
+        backends: Sequence[Backend],
+        flat: bool,
+        group: _Group | None = None,
     ) -> list[str]:
-        key = tuple(names)
-        group = self._groups.get(key) if None not in key else None
+        fast = group is not None
+        if group is None:
+            key = tuple(names)
+            group = self._groups.get(key) if None not in key else None
+        else:
+            names = group.names
         n = self._read_num_updates()
 
         # 1. Validate everything; nothing is modified until this block has passed.
         parts: list[tuple[_Group | None, list[int]]]
+        trusted = False
         if group is not None:
             parts = [(group, list(range(len(names))))]
-            functional.check_pairs(
-                group.names, group.state.shadow, leaves, group.backends, backends
-            )
+            # objects from the id cache were checked at an earlier step; a self-checking
+            # backend re-checks them before writing (and the core names the leaf if it refuses)
+            trusted = fast and group.self_checking
+            if not trusted:
+                functional.check_pairs(
+                    group.names,
+                    group.state.shadow,
+                    leaves,
+                    group.backends,
+                    backends,
+                    shadow_specs=group.specs,
+                )
         else:
+            # a known group's names are distinct, so only here can a list repeat an array
+            # (a dict may: tied weights under two names get two shadows)
+            if flat and len(set(map(id, leaves))) != len(leaves):
+                raise StructureError(
+                    "the same array appears twice in the list given to apply(); "
+                    "each tracked array needs its own shadow"
+                )
             names = list(names)
             new_idx = [i for i, nm in enumerate(names) if nm is None or nm not in self._where]
             pending = self._match_pending(names, leaves, new_idx)
@@ -320,9 +367,21 @@ class ExponentialMovingAverage:
             groups = [group]
         for g, (_, idx), d in zip(groups, parts, decays):
             params = [leaves[i] for i in idx] if len(parts) > 1 else leaves
-            new = functional.apply_update(
-                g.state.shadow, params, g.backends, coefficient(d, self._compat), inplace=True
-            )
+            try:
+                new = functional.apply_update(
+                    g.state.shadow, params, g.backends, coefficient(d, self._compat), inplace=True
+                )
+            except (ValueError, TypeError):
+                if trusted:  # say which leaf and what differs
+                    functional.check_pairs(
+                        g.names,
+                        g.state.shadow,
+                        params,
+                        g.backends,
+                        backends,
+                        shadow_specs=g.specs,
+                    )
+                raise
             g.state = g.state.replace(shadow=new, **functional.advance(g.state, d))
         return names
 
@@ -428,6 +487,7 @@ class ExponentialMovingAverage:
             if self._by_id.get(oid) == name:
                 del self._by_id[oid]
                 self._orphans.add(name)
+            self._fast.clear()
 
         try:
             self._refs[name] = weakref.ref(x, forget)
@@ -435,6 +495,7 @@ class ExponentialMovingAverage:
             self._refs[name] = lambda: x
 
     def _add_group(self, group: _Group) -> None:
+        self._fast.clear()
         self._groups[group.names] = group
         for nm in group.names:
             self._where[nm] = group
@@ -729,6 +790,7 @@ class ExponentialMovingAverage:
         old_where = self._where
         kept = {nm: old_where[nm] for nm in missing}
         self._groups, self._where = {}, {}
+        self._fast.clear()
         for g in {id(g): g for g in kept.values()}.values():
             idx = [i for i, nm in enumerate(g.names) if nm in missing]
             self._add_group(

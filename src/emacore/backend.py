@@ -29,11 +29,21 @@ class Capabilities:
         ``update(..., inplace=True)`` writes into the shadow arrays it is given.
     fused_update : bool
         One update call covers many leaves with less than one pass of Python per leaf.
+    one_device : bool
+        Every array of this backend lives on one device (numpy: the host), so the core skips
+        per-leaf device checks.
+    self_checking : bool
+        ``update`` checks every parameter's dtype and size against its shadow before it writes
+        anything, and raises ``ValueError``/``TypeError`` otherwise. For arrays it has already
+        checked (the very same objects as last step) the core then skips its own per-leaf
+        check, and runs it only to name the leaf when ``update`` refuses.
     """
 
     mutable_arrays: bool = True
     inplace_update: bool = False
     fused_update: bool = False
+    one_device: bool = False
+    self_checking: bool = False
 
 
 @runtime_checkable

@@ -18,6 +18,7 @@ array([4.5, 4.5, 4.5], dtype=float32)
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from typing import Any
 
@@ -54,6 +55,9 @@ def resolve_backends(
                     f"which backend {forced.name!r} does not handle"
                 )
         return [forced] * len(leaves)
+    types = set(map(type, leaves))
+    if len(types) == 1:
+        return [registry.resolve(leaves[0])] * len(leaves)
     by_type = {t: registry.resolve(x) for t, x in {type(x): x for x in leaves}.items()}
     return [by_type[type(x)] for x in leaves]
 
@@ -76,32 +80,39 @@ def check_pairs(
     params: Sequence[Any],
     shadow_backends: Sequence[Backend],
     param_backends: Sequence[Backend],
+    *,
+    shadow_specs: list[tuple[Any, Any]] | None = None,
 ) -> None:
     """Raise `LeafMismatchError` if a parameter does not match its shadow.
 
     Checks backend, shape, dtype and device, in that order. The common case (everything
-    matches) costs a few list comparisons, not a Python loop with branches per leaf.
+    matches) costs one list comparison at C speed, not a Python loop per leaf; callers that
+    keep the shadows' ``(shape, dtype)`` pairs pass them in as ``shadow_specs``.
     """
-    if list(map(id, shadow_backends)) != list(map(id, param_backends)):
+    if shadow_backends != param_backends:
         for name, sb, pb in zip(names, shadow_backends, param_backends):
             if sb is not pb:
                 raise LeafMismatchError(
                     f"leaf {name!r}: got an array of backend {pb.name!r}, but its shadow "
                     f"belongs to backend {sb.name!r}"
                 )
-    for attr in ("shape", "dtype"):
-        got = [getattr(p, attr) for p in params]
-        want = [getattr(s, attr) for s in shadows]
-        if got != want:
-            for name, g, w in zip(names, got, want):
-                if g != w:
+    spec = operator.attrgetter("shape", "dtype")
+    got = list(map(spec, params))
+    want = shadow_specs if shadow_specs is not None else list(map(spec, shadows))
+    if got != want:
+        for name, g, w in zip(names, got, want):
+            for attr, gv, wv in zip(("shape", "dtype"), g, w):
+                if gv != wv:
                     raise LeafMismatchError(
-                        f"leaf {name!r}: {attr} {_show(g)} does not match its shadow's "
-                        f"{attr} {_show(w)}"
+                        f"leaf {name!r}: {attr} {_show(gv)} does not match its shadow's "
+                        f"{attr} {_show(wv)}"
                     )
-    for backend in {id(b): b for b in shadow_backends}.values():
-        idx = [i for i, b in enumerate(shadow_backends) if b is backend]
-        for i in idx:
+    for backend in dict.fromkeys(shadow_backends):
+        if backend.capabilities.one_device:
+            continue
+        for i, b in enumerate(shadow_backends):
+            if b is not backend:
+                continue
             pd, sd = backend.device(params[i]), backend.device(shadows[i])
             if pd != sd:
                 raise LeafMismatchError(
@@ -115,9 +126,16 @@ def _show(value: Any) -> str:
 
 
 def create_shadows(params: Sequence[Any], backends: Sequence[Backend], *, zeros: bool) -> list[Any]:
-    """Create shadows for ``params``, one backend call per backend (so it can pack them)."""
+    """Create shadows for ``params``, one backend call per backend (so it can pack them).
+
+    With a single backend its list is returned as is: it may carry the backend's notes on how
+    it laid the shadows out (see `emacore._pytree.ShadowList`).
+    """
+    if backends and backends.count(backends[0]) == len(backends):
+        made: list[Any] = backends[0].create_shadows(list(params), zeros=zeros)
+        return made
     out: list[Any] = [None] * len(params)
-    for backend in {id(b): b for b in backends}.values():
+    for backend in dict.fromkeys(backends):
         idx = [i for i, b in enumerate(backends) if b is backend]
         made = backend.create_shadows([params[i] for i in idx], zeros=zeros)
         for i, s in zip(idx, made):
@@ -129,7 +147,10 @@ def check_writable(
     shadows: Sequence[Any], names: Sequence[str], backends: Sequence[Backend]
 ) -> None:
     """Ask each backend whether it can write its own shadows in place."""
-    for backend in {id(b): b for b in backends}.values():
+    if backends and backends.count(backends[0]) == len(backends):
+        backends[0].check_writable(shadows, names)  # as given: it may carry backend notes
+        return
+    for backend in dict.fromkeys(backends):
         idx = [i for i, b in enumerate(backends) if b is backend]
         backend.check_writable([shadows[i] for i in idx], [names[i] for i in idx])
 
@@ -148,11 +169,10 @@ def apply_update(
     inplace: bool,
 ) -> list[Any]:
     """Run the (validated) update: one backend call per backend, order preserved."""
-    first = backends[0] if backends else None
-    if all(b is first for b in backends) and first is not None:
-        return first.update(shadows, params, c, inplace=inplace)
+    if backends and backends.count(backends[0]) == len(backends):
+        return backends[0].update(shadows, params, c, inplace=inplace)
     out: list[Any] = [None] * len(shadows)
-    for backend in {id(b): b for b in backends}.values():
+    for backend in dict.fromkeys(backends):
         idx = [i for i, b in enumerate(backends) if b is backend]
         new = backend.update(
             [shadows[i] for i in idx], [params[i] for i in idx], c, inplace=inplace

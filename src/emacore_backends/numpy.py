@@ -29,12 +29,14 @@ from emacore.errors import ReadOnlyError
 
 __all__ = ["BACKEND", "NumpyBackend"]
 
-# Elements per cache block: 64 KiB of float32 stays in L1/L2 with room for the operands.
-BLOCK = 16_384
+# Elements per cache block. Each block costs ~3 us of Python (three ufunc calls), so blocks
+# must be large; three float32 operands of 64 Ki elements (768 KiB) still fit a 1-2 MiB L2.
+BLOCK = 65_536
 # Tensors below this size are gathered with their neighbours into one update.
 SMALL = 65_536
-# Below this many elements in one update, threads cost more than they save.
-THREAD_MIN = 262_144
+# Below this many elements in one update (4 MiB of float32, cache-resident), waking a
+# second thread costs more than it saves.
+THREAD_MIN = 1_048_576
 
 
 def _num_threads() -> int:
@@ -45,7 +47,13 @@ def _num_threads() -> int:
 
 
 class _Packing:
-    """How a ShadowList's arrays sit in one buffer, and the work plan derived from it."""
+    """How a ShadowList's arrays sit in one buffer, and the work plan derived from it.
+
+    Runs of small tensors are gathered first (phase 1, one ``np.concatenate`` per run, in the
+    calling thread: concatenate holds the GIL) into a scratch covering only those runs; then
+    every element is updated in cache blocks spread over threads (phase 2). Gathering first
+    also means a parameter of the wrong dtype fails (``casting="no"``) before any write.
+    """
 
     def __init__(self, base: np.ndarray, sizes: list[int]) -> None:
         self.base = base
@@ -54,7 +62,10 @@ class _Packing:
         for n in sizes:
             self.offsets.append(self.offsets[-1] + n)
         self.scratch: np.ndarray | None = None  # gather buffer, allocated on first update
-        self.lanes: list[list[tuple[Any, ...]]] | None = None
+        # (gathers, lanes, indices of the tensors updated directly), built on first update
+        self.plan: (
+            tuple[list[tuple[int, int, int, int]], list[list[tuple[Any, ...]]], list[int]] | None
+        ) = None
 
 
 class NumpyBackend(ArrayAPIBackend):
@@ -71,7 +82,14 @@ class NumpyBackend(ArrayAPIBackend):
 
     def __init__(self) -> None:
         super().__init__(
-            "numpy", Capabilities(mutable_arrays=True, inplace_update=True, fused_update=True)
+            "numpy",
+            Capabilities(
+                mutable_arrays=True,
+                inplace_update=True,
+                fused_update=True,
+                one_device=True,
+                self_checking=True,
+            ),
         )
         self._threads = _num_threads()
         self._pool: ThreadPoolExecutor | None = None
@@ -118,6 +136,11 @@ class NumpyBackend(ArrayAPIBackend):
 
     def check_writable(self, shadows: Sequence[Any], names: Sequence[str]) -> None:
         """Raise ReadOnlyError naming the first shadow numpy will not let us write."""
+        packing = getattr(shadows, "backend_data", None)
+        if isinstance(packing, _Packing) and shadows and shadows[0].base is packing.base:
+            # packed shadows are written through their common buffer
+            if packing.base.flags.writeable:
+                return
         for name, s in zip(names, shadows):
             if not s.flags.writeable:
                 raise ReadOnlyError(
@@ -142,11 +165,22 @@ class NumpyBackend(ArrayAPIBackend):
             and len(packing.sizes) == len(shadows)
             and shadows[0].base is packing.base
         ):
-            lanes = packing.lanes
-            if lanes is None:
-                lanes = packing.lanes = self._packed_lanes(packing)
+            if packing.plan is None:
+                packing.plan = self._packed_plan(packing)
+            gathers, lanes, large = packing.plan
+            # every check happens before the first write: see Capabilities.self_checking
+            _check_same(shadows, params, large)
+            if gathers:
+                if packing.scratch is None:
+                    packing.scratch = np.empty(gathers[-1][3], dtype=packing.base.dtype)
+                for i0, i1, lo, hi in gathers:
+                    # casting="no" and the exact out size refuse a wrong dtype or size
+                    np.concatenate(
+                        params[i0:i1], axis=None, out=packing.scratch[lo:hi], casting="no"
+                    )
             self._run(lanes, shadows, params, c, packing)
         else:
+            _check_same(shadows, params, range(len(shadows)))
             self._run(self._loose_lanes(shadows), shadows, params, c, None)
         return shadows if isinstance(shadows, list) else list(shadows)
 
@@ -162,37 +196,45 @@ class NumpyBackend(ArrayAPIBackend):
             return out
         return [np.array(s, copy=True) for s in shadows]
 
-    # Work items are (kind, i0, i1, lo, hi):
-    #   "gather": params[i0:i1] are packed into scratch[lo:hi], then base[lo:hi] is updated;
-    #   "direct": elements lo:hi of contiguous tensor i0 are updated in place (splittable);
-    #   "whole":  non-contiguous tensor i0 is updated with the reference formula (unsplit).
+    # Phase-2 work items, all splittable by element range except "whole":
+    #   ("flat", shift, lo, hi): base[lo:hi] from scratch[lo - shift:hi - shift] (gathered);
+    #   ("tensor", i, lo, hi): elements lo:hi of contiguous shadow i from params[i];
+    #   ("whole", i, 0, n): non-contiguous shadow i, with the reference formula.
 
-    def _packed_lanes(self, packing: _Packing) -> list[list[tuple[Any, ...]]]:
+    def _packed_plan(
+        self, packing: _Packing
+    ) -> tuple[list[tuple[int, int, int, int]], list[list[tuple[Any, ...]]], list[int]]:
+        gathers: list[tuple[int, int, int, int]] = []
+        large: list[int] = []
         items: list[tuple[Any, ...]] = []
         sizes, offsets = packing.sizes, packing.offsets
+        src = 0
         i = 0
         while i < len(sizes):
             if sizes[i] < SMALL:
                 j = i
-                while (
-                    j < len(sizes) and sizes[j] < SMALL and offsets[j + 1] - offsets[i] < SMALL * 8
-                ):
+                while j < len(sizes) and sizes[j] < SMALL:
                     j += 1
-                items.append(("gather", i, j, offsets[i], offsets[j]))
+                n = offsets[j] - offsets[i]
+                gathers.append((i, j, src, src + n))
+                items.append(("flat", offsets[i] - src, offsets[i], offsets[j]))
+                src += n
                 i = j
             else:
-                items.append(("direct", i, i + 1, 0, sizes[i]))
+                items.append(("tensor", i, 0, sizes[i]))
+                large.append(i)
                 i += 1
-        return self._balance(items, packing.offsets[-1])
+        return gathers, self._balance(items, offsets[-1]), large
 
     def _loose_lanes(self, shadows: Sequence[Any]) -> list[list[tuple[Any, ...]]]:
         items = [
-            ("direct" if s.flags.c_contiguous else "whole", i, i + 1, 0, int(s.size))
+            ("tensor" if s.flags.c_contiguous else "whole", i, 0, int(s.size))
             for i, s in enumerate(shadows)
         ]
         return self._balance(items, sum(int(s.size) for s in shadows))
 
     def _balance(self, items: list[tuple[Any, ...]], total: int) -> list[list[tuple[Any, ...]]]:
+        """Cut the items into lanes of about equal element counts, on block boundaries."""
         lanes_n = self._threads if total >= THREAD_MIN else 1
         if lanes_n == 1:
             return [items]
@@ -200,24 +242,21 @@ class NumpyBackend(ArrayAPIBackend):
         lanes: list[list[tuple[Any, ...]]] = [[] for _ in range(lanes_n)]
         lane, filled = 0, 0
         for item in items:
-            if item[0] == "direct":
-                _, i, _, lo, hi = item
-                while hi - lo > 0:
-                    room = max(share - filled, BLOCK)
-                    take = min(hi - lo, room)
-                    # keep cuts on block boundaries so each lane streams whole blocks
-                    if take < hi - lo:
-                        take = max(BLOCK, take - take % BLOCK)
-                    lanes[lane].append(("direct", i, i + 1, lo, lo + take))
-                    lo += take
-                    filled += take
-                    if filled >= share and lane < lanes_n - 1:
-                        lane, filled = lane + 1, 0
-            else:
+            kind, a, lo, hi = item[0], item[1], item[2], item[3]
+            if kind == "whole":
                 lanes[lane].append(item)
-                filled += item[4] - item[3]
+                filled += hi - lo
+            while kind != "whole" and hi > lo:
+                take = min(hi - lo, max(share - filled, BLOCK))
+                if take < hi - lo:
+                    take = max(BLOCK, take - take % BLOCK)
+                lanes[lane].append((kind, a, lo, lo + take))
+                lo += take
+                filled += take
                 if filled >= share and lane < lanes_n - 1:
                     lane, filled = lane + 1, 0
+            if kind == "whole" and filled >= share and lane < lanes_n - 1:
+                lane, filled = lane + 1, 0
         return [lane_items for lane_items in lanes if lane_items]
 
     def _run(
@@ -228,12 +267,6 @@ class NumpyBackend(ArrayAPIBackend):
         c: float,
         packing: _Packing | None,
     ) -> None:
-        if (
-            packing is not None
-            and packing.scratch is None
-            and any(item[0] == "gather" for lane in lanes for item in lane)
-        ):
-            packing.scratch = np.empty_like(packing.base)
         if len(lanes) == 1:
             self._run_lane(lanes[0], shadows, params, c, packing)
             return
@@ -274,28 +307,43 @@ class NumpyBackend(ArrayAPIBackend):
         packing: _Packing | None,
     ) -> None:
         for item in items:
-            if item[0] == "gather":
+            kind = item[0]
+            if kind == "flat":
                 assert packing is not None
                 assert packing.scratch is not None
-                _, i0, i1, lo, hi = item
-                p_flat = packing.scratch[lo:hi]
-                np.concatenate(params[i0:i1], axis=None, out=p_flat, casting="no")
+                _, shift, lo, hi = item
                 s_flat = packing.base[lo:hi]
-                _blocked(s_flat, p_flat, s_flat.dtype.type(c), self._scratch(s_flat.dtype))
-            elif item[0] == "direct":
-                _, i, _, lo, hi = item
+                p_flat = packing.scratch[lo - shift : hi - shift]
+                # the gathered copy is ours: use it as the temporary
+                _blocked(s_flat, p_flat, s_flat.dtype.type(c), p_flat)
+            elif kind == "tensor":
+                _, i, lo, hi = item
                 s = shadows[i]
                 # reshape(-1) is a view for the (contiguous) shadow; a non-contiguous
                 # parameter is copied here, which is correct but allocates.
-                s_flat, p_flat = s.reshape(-1)[lo:hi], params[i].reshape(-1)[lo:hi]
+                s_flat, p_flat = s.reshape(-1)[lo:hi], np.asarray(params[i]).reshape(-1)[lo:hi]
                 _blocked(s_flat, p_flat, s.dtype.type(c), self._scratch(s.dtype))
             else:
                 s, p = shadows[item[1]], params[item[1]]
                 s[...] = s - (s - p) * s.dtype.type(c)
 
 
+def _check_same(shadows: Sequence[Any], params: Sequence[Any], indices: Any) -> None:
+    """Refuse, before any write, a parameter whose dtype or size differs from its shadow's."""
+    for i in indices:
+        s, p = shadows[i], params[i]
+        if p.dtype != s.dtype or p.size != s.size:
+            raise ValueError(
+                f"parameter #{i} ({p.dtype}, {p.size} elements) does not match its shadow "
+                f"({s.dtype}, {s.size} elements)"
+            )
+
+
 def _blocked(s: np.ndarray, p: np.ndarray, c: Any, scratch: np.ndarray) -> None:
-    """``s -= (s - p) * c`` over 1-d ``s``, ``p``, one cache block at a time."""
+    """``s -= (s - p) * c`` over 1-d ``s``, ``p``, one cache block at a time.
+
+    ``scratch`` holds the temporary ``s - p``; it may be ``p`` itself when ``p`` is ours.
+    """
     n = s.shape[0]
     if n <= BLOCK:
         t = scratch[:n]
@@ -306,7 +354,7 @@ def _blocked(s: np.ndarray, p: np.ndarray, c: Any, scratch: np.ndarray) -> None:
     for lo in range(0, n, BLOCK):
         hi = min(lo + BLOCK, n)
         ss = s[lo:hi]
-        t = scratch[: hi - lo]
+        t = scratch[lo:hi] if scratch is p else scratch[: hi - lo]
         np.subtract(ss, p[lo:hi], out=t)
         np.multiply(t, c, out=t)
         np.subtract(ss, t, out=ss)

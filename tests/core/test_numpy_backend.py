@@ -131,3 +131,20 @@ def test_numpy_scalars_are_zero_d_leaves() -> None:
     assert avg.shape == ()
     assert avg.dtype == np.float32
     assert float(avg) == 0.5 * (0.5 * 0 + 0.5 * 2.0) + 0.5 * 4.0
+
+
+@pytest.mark.parametrize("size", [256, npb.SMALL + 1])
+def test_same_array_changed_in_place_is_still_refused_whole(size: int) -> None:
+    """The id-cached fast path trusts the backend's own pre-write checks: an array whose
+    dtype is changed in place (a view cast) must still be refused, naming it, with no write."""
+    params = [np.zeros(size, np.float32) for _ in range(3)]
+    ema = emacore.EMA(0.5)
+    ema.apply(params)
+    ema.apply(params)  # now on the fast path
+    params[0][...] = 1.0
+    params[2].dtype = np.int32  # same object, same bytes, another dtype
+    before = [np.array(ema.average(p), copy=True) for p in params[:2]]
+    with pytest.raises(emacore.LeafMismatchError, match=r"leaf 'Variable_2': dtype int32"):
+        ema.apply(params)
+    for p, b in zip(params[:2], before):
+        np.testing.assert_array_equal(ema.average(p), b)
