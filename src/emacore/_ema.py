@@ -232,7 +232,8 @@ class ExponentialMovingAverage:
         if not flat:
             names = list(_pytree.leaf_names(treedef))
         elif all_mutable:
-            names = list(map(self._by_id.get, map(id, leaves)))  # None: new (named at commit)
+            lookup: Callable[[int], Any] = self._by_id.get
+            names = list(map(lookup, map(id, leaves)))  # None: new (named at commit)
         else:
             names = self._flat_names(leaves, backends)
         names = self._update(names, leaves, backends, flat)
@@ -383,7 +384,7 @@ class ExponentialMovingAverage:
                     )
                 raise
             g.state = g.state.replace(shadow=new, **functional.advance(g.state, d))
-        return names
+        return list(names)
 
     def _display(self, name: Any, i: int) -> str:
         return name if isinstance(name, str) else f"new array #{i} of the list"

@@ -137,10 +137,13 @@ class NumpyBackend(ArrayAPIBackend):
     def check_writable(self, shadows: Sequence[Any], names: Sequence[str]) -> None:
         """Raise ReadOnlyError naming the first shadow numpy will not let us write."""
         packing = getattr(shadows, "backend_data", None)
-        if isinstance(packing, _Packing) and shadows and shadows[0].base is packing.base:
-            # packed shadows are written through their common buffer
-            if packing.base.flags.writeable:
-                return
+        if (
+            isinstance(packing, _Packing)
+            and shadows
+            and shadows[0].base is packing.base
+            and packing.base.flags.writeable
+        ):
+            return  # packed shadows are written through their common buffer
         for name, s in zip(names, shadows):
             if not s.flags.writeable:
                 raise ReadOnlyError(
