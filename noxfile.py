@@ -118,4 +118,5 @@ def gpu(session: nox.Session) -> None:
     if not _has_gpu() and not os.environ.get("EMACORE_FORCE_GPU_SESSION"):
         session.skip("no CUDA device (nvidia-smi -L failed or is absent)")
     session.install("-e", ".", *TEST_DEPS, TORCH)
-    session.run("pytest", "-m", "gpu", *session.posargs)
+    # exit code 5: no test is marked gpu yet (the torch issue adds them)
+    session.run("pytest", "-m", "gpu", *session.posargs, success_codes=[0, 5])
