@@ -209,6 +209,8 @@ class ExponentialMovingAverage:
         >>> ema.apply(params); ema.average(params)["w"]
         array([2., 2.])
         """
+        if var_list is None:
+            raise TypeError("apply() needs the variables to average (an array or a container)")
         if type(var_list) in (list, tuple):
             # The training loop's case: the same arrays, updated in place, every step. Their
             # ids identify the group with no flattening, type or name lookups; the cache is
@@ -590,7 +592,11 @@ class ExponentialMovingAverage:
                     if positional is not None and not self._is_mutable(x):
                         names[i] = positional
         else:
-            names = [nm if nm in self._where else None for nm in _pytree.leaf_names(treedef)]
+            # by key path; a sub-container of what was applied falls back to the objects
+            names = [
+                nm if nm in self._where else self._name_of(x)
+                for nm, x in zip(_pytree.leaf_names(treedef), leaves)
+            ]
         missing = [
             str(i if flat else _pytree.leaf_names(treedef)[i])
             for i, nm in enumerate(names)

@@ -82,6 +82,8 @@ def test_dict_tree_rebinding_keeps_shadows(lib: Any) -> None:
         lib.read(avg["out"][0]), ref_ema([t["out"][0] for t in steps], [0.8] * 5, False), rtol=1e-12
     )
     assert ema.average_name(params["dense"].w) == "dense/w/ExponentialMovingAverage"
+    sub = ema.average(params["dense"])  # a sub-container: found by its arrays
+    np.testing.assert_array_equal(lib.read(sub.b), lib.read(avg["dense"].b))
     assert set(ema.variables_to_restore()) == {
         "dense/w/ExponentialMovingAverage",
         "dense/b/ExponentialMovingAverage",
