@@ -80,9 +80,32 @@ def _strict_lib() -> Lib:
     )
 
 
+def _torch_lib() -> Lib:
+    torch = importlib.import_module("torch")
+
+    def set_value(x: Any, v: np.ndarray) -> Any:
+        with torch.no_grad():
+            x.copy_(torch.from_numpy(np.asarray(v)))
+        return x
+
+    return Lib(
+        name="torch",
+        backend="torch",
+        xp=torch,
+        device=torch.device("cpu"),
+        mutable=True,
+        make=lambda a: torch.tensor(np.array(a, copy=True)),
+        read=lambda x: x.detach().cpu().numpy().copy(),
+        dtype=lambda name: getattr(torch, name),
+        device_of=lambda x: x.device,
+        set_value=set_value,
+    )
+
+
 _LIBS: dict[str, Callable[[], Lib]] = {
     "numpy": _numpy_lib,
     "array_api_strict": _strict_lib,
+    "torch": _torch_lib,
 }
 
 
