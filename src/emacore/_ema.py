@@ -50,9 +50,9 @@ class _Group:
         self._index = {nm: i for i, nm in enumerate(self.names)}
         # shadows never change shape or dtype: keep them for the per-step checks
         self.specs = [(s.shape, s.dtype) for s in self.state.shadow]
-        self.self_checking = bool(self.backends) and all(
-            b is self.backends[0] and b.capabilities.self_checking for b in self.backends
-        )
+        one = bool(self.backends) and self.backends.count(self.backends[0]) == len(self.backends)
+        self.single: Backend | None = self.backends[0] if one else None
+        self.self_checking = self.single is not None and self.single.capabilities.self_checking
 
     def position(self, name: str) -> int:
         return self._index[name]
@@ -370,10 +370,14 @@ class ExponentialMovingAverage:
             groups = [group]
         for g, (_, idx), d in zip(groups, parts, decays):
             params = [leaves[i] for i in idx] if len(parts) > 1 else leaves
+            c = coefficient(d, self._compat)
             try:
-                new = functional.apply_update(
-                    g.state.shadow, params, g.backends, coefficient(d, self._compat), inplace=True
-                )
+                if g.single is not None:
+                    new = g.single.update(g.state.shadow, params, c, inplace=True)
+                else:
+                    new = functional.apply_update(
+                        g.state.shadow, params, g.backends, c, inplace=True
+                    )
             except (ValueError, TypeError):
                 if trusted:  # say which leaf and what differs
                     functional.check_pairs(
@@ -386,7 +390,7 @@ class ExponentialMovingAverage:
                     )
                 raise
             g.state = g.state.replace(shadow=new, **functional.advance(g.state, d))
-        return list(names)
+        return names if fast else list(names)
 
     def _display(self, name: Any, i: int) -> str:
         return name if isinstance(name, str) else f"new array #{i} of the list"
