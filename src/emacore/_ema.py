@@ -371,12 +371,13 @@ class ExponentialMovingAverage:
         for g, (_, idx), d in zip(groups, parts, decays):
             params = [leaves[i] for i in idx] if len(parts) > 1 else leaves
             c = coefficient(d, self._compat)
+            exact = self._compat == "tensorflow"
             try:
                 if g.single is not None:
-                    new = g.single.update(g.state.shadow, params, c, inplace=True)
+                    new = g.single.update(g.state.shadow, params, c, inplace=True, exact=exact)
                 else:
                     new = functional.apply_update(
-                        g.state.shadow, params, g.backends, c, inplace=True
+                        g.state.shadow, params, g.backends, c, inplace=True, exact=exact
                     )
             except (ValueError, TypeError):
                 if trusted:  # say which leaf and what differs

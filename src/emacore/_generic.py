@@ -76,9 +76,15 @@ class ArrayAPIBackend:
         return out
 
     def update(
-        self, shadows: Sequence[Any], params: Sequence[Any], c: float, *, inplace: bool
+        self,
+        shadows: Sequence[Any],
+        params: Sequence[Any],
+        c: float,
+        *,
+        inplace: bool,
+        exact: bool = True,
     ) -> list[Any]:
-        """Return the reference update of every pair (functional: new arrays)."""
+        """Return the reference update of every pair (functional: new arrays; always exact)."""
         return [reference_update(s, p, c) for s, p in zip(shadows, params)]
 
     def check_writable(self, shadows: Sequence[Any], names: Sequence[str]) -> None:

@@ -74,13 +74,22 @@ class Backend(Protocol):
         ...
 
     def update(
-        self, shadows: Sequence[Any], params: Sequence[Any], c: float, *, inplace: bool
+        self,
+        shadows: Sequence[Any],
+        params: Sequence[Any],
+        c: float,
+        *,
+        inplace: bool,
+        exact: bool = True,
     ) -> list[Any]:
         """Return ``shadow - (shadow - param) * c`` for every pair.
 
         With ``inplace=True`` and ``capabilities.inplace_update``, the shadows are written in
         place and returned; otherwise new arrays are returned and the inputs are untouched.
-        The arithmetic must match `emacore._kernel.reference_update` bit for bit.
+        With ``exact=True`` (``compat="tensorflow"``) the arithmetic must match the reference
+        kernel (``emacore._kernel.reference_update``) bit for bit; with ``exact=False`` a
+        backend may use a fused form that rounds differently in the last place (torch's
+        one-pass ``lerp``), never a less accurate one.
         """
         ...
 

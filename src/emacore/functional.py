@@ -167,15 +167,16 @@ def apply_update(
     c: float,
     *,
     inplace: bool,
+    exact: bool = True,
 ) -> list[Any]:
     """Run the (validated) update: one backend call per backend, order preserved."""
     if backends and backends.count(backends[0]) == len(backends):
-        return backends[0].update(shadows, params, c, inplace=inplace)
+        return backends[0].update(shadows, params, c, inplace=inplace, exact=exact)
     out: list[Any] = [None] * len(shadows)
     for backend in dict.fromkeys(backends):
         idx = [i for i, b in enumerate(backends) if b is backend]
         new = backend.update(
-            [shadows[i] for i in idx], [params[i] for i in idx], c, inplace=inplace
+            [shadows[i] for i in idx], [params[i] for i in idx], c, inplace=inplace, exact=exact
         )
         for i, s in zip(idx, new):
             out[i] = s
@@ -314,7 +315,12 @@ def update(
     if inplace:
         check_writable(s_leaves, names, s_backends)
     new = apply_update(
-        s_leaves, p_leaves, s_backends, coefficient(d, state.compat), inplace=inplace
+        s_leaves,
+        p_leaves,
+        s_backends,
+        coefficient(d, state.compat),
+        inplace=inplace,
+        exact=state.compat == "tensorflow",
     )
     return state.replace(shadow=_pytree.unflatten(s_def, new), **advance(state, d))
 

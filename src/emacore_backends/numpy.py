@@ -157,9 +157,15 @@ class NumpyBackend(ArrayAPIBackend):
         return x
 
     def update(
-        self, shadows: Sequence[Any], params: Sequence[Any], c: float, *, inplace: bool
+        self,
+        shadows: Sequence[Any],
+        params: Sequence[Any],
+        c: float,
+        *,
+        inplace: bool,
+        exact: bool = True,
     ) -> list[Any]:
-        """Update every shadow toward its parameter; in place when ``inplace``."""
+        """Update every shadow toward its parameter; in place when ``inplace``; always exact."""
         if not inplace:
             shadows = self._copy(shadows)
         packing = getattr(shadows, "backend_data", None)

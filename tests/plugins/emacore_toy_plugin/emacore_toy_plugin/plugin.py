@@ -51,7 +51,13 @@ class ToyBackend(emacore.ArrayAPIBackend):
         return [toy(np.zeros_like(p.data) if zeros else p.data) for p in params]
 
     def update(
-        self, shadows: Sequence[Any], params: Sequence[Any], c: float, *, inplace: bool
+        self,
+        shadows: Sequence[Any],
+        params: Sequence[Any],
+        c: float,
+        *,
+        inplace: bool,
+        exact: bool = True,
     ) -> list[Any]:
         global UPDATE_CALLS
         UPDATE_CALLS += 1
