@@ -9,19 +9,27 @@ touches any shadow, so an update happens for every leaf or for none.
 
 from __future__ import annotations
 
+import contextlib
+import fnmatch
 import math
 import operator
 import warnings
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from emacore import _pytree, functional
+from emacore import _plugins, _pytree, functional
 from emacore._debias import COMPAT_MODES, coefficient
 from emacore._state import EMAState
 from emacore.backend import Backend
-from emacore.errors import EMAWarning, StateDictError, StructureError
+from emacore.errors import (
+    EMAError,
+    EMAWarning,
+    ImmutableArrayError,
+    StateDictError,
+    StructureError,
+)
 from emacore.schedules import Schedule, TFRamp, as_schedule, check_decay
 
 __all__ = ["EMA", "ExponentialMovingAverage", "LoadResult"]
@@ -29,6 +37,26 @@ __all__ = ["EMA", "ExponentialMovingAverage", "LoadResult"]
 STATE_FORMAT = "emacore.ExponentialMovingAverage"
 STATE_VERSION = 1
 _IDENTITY, _POSITION, _NAME = "identity", "position", "name"
+_ROLES = ("copy", "average", "skip")
+
+
+def _name_filter(
+    option: str, spec: str | Sequence[str] | Callable[[str], bool] | None
+) -> Callable[[str], bool] | None:
+    """Turn an include/exclude spec into a predicate on leaf names."""
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        pattern = spec
+        return lambda name: fnmatch.fnmatchcase(name, pattern)
+    if callable(spec):
+        return spec
+    patterns = list(spec)
+    if not all(isinstance(p, str) for p in patterns):
+        raise TypeError(
+            f"{option} must be a glob pattern, a sequence of patterns or a predicate, got {spec!r}"
+        )
+    return lambda name: any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
 class LoadResult(NamedTuple):
@@ -87,6 +115,20 @@ class ExponentialMovingAverage:
         ``"tensorflow"`` reproduces TF 2 bit for bit (float32 decay, TF's debias formula).
     backend : str, optional
         Force a backend by name instead of resolving it from each array's type.
+    buffers : {"copy", "average", "skip"}
+        What ``apply(module)`` does with a module's floating buffers (BatchNorm's running
+        statistics): copy their current value into the averaged model (the default, as
+        torch's ``AveragedModel`` keeps them current), average them like parameters (timm's
+        choice), or leave them out. Integer buffers (``num_batches_tracked``) are always
+        copied, never averaged or truncated.
+    frozen : {"copy", "average", "skip"}
+        What ``apply(module)`` does with parameters that do not require grad. Copying (the
+        default) gives the same result as averaging a parameter that never changes, for free.
+    include, exclude : str, sequence of str, or callable, optional
+        Select leaves by name (key path or parameter name): a glob pattern (``"encoder.*"``),
+        several, or a predicate ``name -> bool``. A leaf is tracked if it matches ``include``
+        (default: all) and not ``exclude``. Applies to modules and named containers; arrays
+        in a plain list have no name to match and are always tracked.
 
     Examples
     --------
@@ -114,6 +156,10 @@ class ExponentialMovingAverage:
         *,
         compat: str = "default",
         backend: str | None = None,
+        buffers: str = "copy",
+        frozen: str = "copy",
+        include: str | Sequence[str] | Callable[[str], bool] | None = None,
+        exclude: str | Sequence[str] | Callable[[str], bool] | None = None,
     ) -> None:
         if compat not in COMPAT_MODES:
             raise ValueError(f"compat must be one of {COMPAT_MODES}, got {compat!r}")
@@ -152,6 +198,14 @@ class ExponentialMovingAverage:
         self._pending: list[str] = []
         self._counter = 0
         self._fast: dict[tuple[int, ...], tuple[_Group]] = {}
+        for option, value in (("buffers", buffers), ("frozen", frozen)):
+            if value not in _ROLES:
+                raise ValueError(f"{option} must be one of {_ROLES}, got {value!r}")
+        self._buffers, self._frozen = buffers, frozen
+        self._include = _name_filter("include", include)
+        self._exclude = _name_filter("exclude", exclude)
+        self._copies: dict[str, tuple[Any, Backend]] = {}
+        self._stored: list[tuple[Any, Any, Backend]] | None = None
 
     # -- TF's read-only attributes -------------------------------------------------------
 
@@ -220,6 +274,10 @@ class ExponentialMovingAverage:
             if hit is not None:
                 self._update(hit[0], var_list, hit[0].backends, True, group=hit[0])
                 return
+        module = self._module_entries(var_list)
+        if module is not None:
+            self._apply_module(module)
+            return
         leaves, treedef = _pytree.flatten(var_list)
         if not leaves:
             return
@@ -233,6 +291,13 @@ class ExponentialMovingAverage:
         )
         if not flat:
             names = list(_pytree.leaf_names(treedef))
+            if self._include is not None or self._exclude is not None:
+                keep = [i for i, nm in enumerate(names) if self._keep(nm)]
+                names = [names[i] for i in keep]
+                leaves = [leaves[i] for i in keep]
+                backends = [backends[i] for i in keep]
+                if not leaves:
+                    return
         elif all_mutable:
             lookup: Callable[[int], Any] = self._by_id.get
             names = list(map(lookup, map(id, leaves)))  # None: new (named at commit)
@@ -251,6 +316,84 @@ class ExponentialMovingAverage:
         elif not all_mutable:
             positional = [i for i, nm in enumerate(names) if self._kinds[nm] == _POSITION]
             self._remember([names[i] for i in positional], [leaves[i] for i in positional])
+
+    def _keep(self, name: str) -> bool:
+        """Whether the include/exclude filters track the leaf ``name``."""
+        if self._include is not None and not self._include(name):
+            return False
+        return self._exclude is None or not self._exclude(name)
+
+    def _module_entries(self, obj: Any) -> list[tuple[str, Any, str]] | None:
+        """The named arrays of a framework container (``nn.Module``), or None."""
+        if obj is None or isinstance(obj, (dict, list, tuple)):
+            return None
+        if hasattr(obj, "__array_namespace__"):
+            return None
+        backend = _plugins.get_registry().container_backend(obj)
+        return None if backend is None else backend.named_leaves(obj)
+
+    def _module_roles(
+        self, entries: list[tuple[str, Any, str]]
+    ) -> tuple[list[str], list[Any], list[str], list[Any]]:
+        """Split a module's arrays into (averaged names, arrays, copied names, arrays)."""
+        registry = _plugins.get_registry()
+        avg_names, avg, copy_names, copies = [], [], [], []
+        for name, x, kind in entries:
+            if not self._keep(name):
+                continue
+            role = "average"
+            if not registry.resolve(x).is_floating(x):
+                role = "copy"  # integer buffers: copied, never averaged or truncated
+            elif kind == "buffer":
+                role = self._buffers
+            elif kind == "frozen":
+                role = self._frozen
+            if role == "average":
+                avg_names.append(name)
+                avg.append(x)
+            elif role == "copy":
+                copy_names.append(name)
+                copies.append(x)
+        return avg_names, avg, copy_names, copies
+
+    def _apply_module(self, entries: list[tuple[str, Any, str]]) -> None:
+        avg_names, avg, copy_names, copies = self._module_roles(entries)
+        copy_backends = functional.resolve_backends(copies, copy_names, self._backend_name)
+        self._check_copies(copy_names, copies, copy_backends)  # before any write
+        if avg:
+            backends = functional.resolve_backends(avg, avg_names, self._backend_name)
+            self._update(avg_names, avg, backends, False)
+            self._remember(avg_names, avg)
+        self._commit_copies(copy_names, copies, copy_backends)
+        self._remember(copy_names, copies)
+
+    def _check_copies(self, names: list[str], arrays: list[Any], backends: list[Backend]) -> None:
+        old = [i for i, nm in enumerate(names) if nm in self._copies]
+        clash = [nm for nm in names if nm in self._where]
+        if clash:
+            raise StructureError(
+                f"leaves {clash[:10]} are averaged already and cannot become copies (their "
+                "dtype or the buffers/frozen policy changed)"
+            )
+        if old:
+            functional.check_pairs(
+                [names[i] for i in old],
+                [self._copies[names[i]][0] for i in old],
+                [arrays[i] for i in old],
+                [self._copies[names[i]][1] for i in old],
+                [backends[i] for i in old],
+            )
+
+    def _commit_copies(self, names: list[str], arrays: list[Any], backends: list[Backend]) -> None:
+        for nm, x, b in zip(names, arrays, backends):
+            rec = self._copies.get(nm)
+            if rec is not None and b.capabilities.mutable_arrays:
+                b.assign(rec[0], x)
+                continue
+            self._copies[nm] = (b.create_shadows([x], zeros=False)[0], b)
+            if rec is None:
+                self._kinds[nm] = _NAME
+                self._order.append(nm)
 
     def _flat_names(self, leaves: Sequence[Any], backends: Sequence[Backend]) -> list[Any]:
         """Names of a flat list's leaves; ``None`` where a leaf is new (named at commit)."""
@@ -559,6 +702,9 @@ class ExponentialMovingAverage:
     def _averages_of(self, names: Sequence[str]) -> list[Any]:
         out = []
         for nm in names:
+            if nm in self._copies:
+                out.append(self._copies[nm][0])
+                continue
             group = self._where[nm]
             i = group.position(nm)
             out.append(
@@ -584,10 +730,32 @@ class ExponentialMovingAverage:
         >>> ema.average(np.ones(2)) is None
         True
         """
+        kind, names, _, treedef = self._lookup(var)
+        if kind == "module":
+            return {nm: a for nm, a in zip(names, self._averages_of(names)) if nm is not None}
+        if kind == "leaf":
+            return None if names[0] is None else self._averages_of([names[0]])[0]
+        self._require_tracked(kind, names, treedef)
+        return _pytree.unflatten(treedef, self._averages_of(names))
+
+    def _tracked(self, name: str | None) -> bool:
+        return name is not None and (name in self._where or name in self._copies)
+
+    def _lookup(self, var: Any) -> tuple[str, list[Any], list[Any], Any]:
+        """Name the leaves of ``var``: ``(kind, names, leaves, treedef)``.
+
+        ``kind`` is ``"module"`` (untracked names are None and dropped), ``"leaf"``, ``"flat"``
+        or ``"tree"``; a name is None where the leaf is not tracked.
+        """
+        names: list[Any]
+        entries = self._module_entries(var)
+        if entries is not None:
+            names = [nm if self._tracked(nm) else None for nm, _, _ in entries]
+            keep = [i for i, nm in enumerate(names) if nm is not None]
+            return "module", [names[i] for i in keep], [entries[i][1] for i in keep], None
         leaves, treedef = _pytree.flatten(var)
         if treedef == _pytree.LEAF:
-            name = self._name_of(var)
-            return None if name is None else self._averages_of([name])[0]
+            return "leaf", [self._name_of(var)], leaves, treedef
         flat = treedef[0] in ("list", "tuple") and treedef[1] == (_pytree.LEAF,) * len(leaves)
         if flat:
             names = [self._name_of(x) for x in leaves]
@@ -596,23 +764,25 @@ class ExponentialMovingAverage:
                     positional = self._by_pos.get(i)
                     if positional is not None and not self._is_mutable(x):
                         names[i] = positional
-        else:
-            # by key path; a sub-container of what was applied falls back to the objects
-            names = [
-                nm if nm in self._where else self._name_of(x)
-                for nm, x in zip(_pytree.leaf_names(treedef), leaves)
-            ]
+            return "flat", names, leaves, treedef
+        # by key path; a sub-container of what was applied falls back to the objects
+        names = [
+            nm if self._tracked(nm) else self._name_of(x)
+            for nm, x in zip(_pytree.leaf_names(treedef), leaves)
+        ]
+        return "tree", names, leaves, treedef
+
+    def _require_tracked(self, kind: str, names: Sequence[Any], treedef: Any) -> None:
         missing = [
-            str(i if flat else _pytree.leaf_names(treedef)[i])
+            str(i if kind == "flat" else _pytree.leaf_names(treedef)[i])
             for i, nm in enumerate(names)
-            if nm is None or nm not in self._where
+            if not self._tracked(nm)
         ]
         if missing:
             raise KeyError(
                 f"no moving average for leaves {missing[:10]} of the container given; "
                 "pass them to apply() first"
             )
-        return _pytree.unflatten(treedef, self._averages_of([str(nm) for nm in names]))
 
     def _is_mutable(self, x: Any) -> bool:
         try:
@@ -641,6 +811,94 @@ class ExponentialMovingAverage:
                 "first, or pass the leaf's name"
             )
         return f"{name}/{self._name}"
+
+    # -- evaluating with the averages -------------------------------------------------------
+
+    def _live_pairs(self, var_list: Any) -> list[tuple[Any, Any, Backend]]:
+        """(live array, its average, backend) for every tracked leaf of ``var_list``.
+
+        Checks, before anything is written, that every live array can be written in place.
+        """
+        kind, names, leaves, treedef = self._lookup(var_list)
+        if kind == "leaf":
+            if names[0] is None:
+                raise KeyError(f"{type(var_list).__qualname__} object is not tracked by this EMA")
+        elif kind != "module":
+            self._require_tracked(kind, names, treedef)
+        registry = _plugins.get_registry()
+        pairs = []
+        for nm, live, avg in zip(names, leaves, self._averages_of(names)):
+            backend = registry.resolve(live)
+            if not backend.capabilities.mutable_arrays:
+                raise ImmutableArrayError(
+                    f"leaf {nm!r}: backend {backend.name!r} arrays are immutable, so "
+                    "copy_to/swapped/store/restore cannot write into them; use "
+                    "ema.average(params) and pass the averages on instead"
+                )
+            pairs.append((live, avg, backend))
+        return pairs
+
+    def copy_to(self, var_list: Any) -> None:
+        """Write the averages into the tracked arrays of ``var_list`` (in place).
+
+        ``var_list`` is what was applied: a module, a container or arrays. Leaves a module
+        has but this EMA does not track (excluded, skipped) are left as they are.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> params = {"w": np.zeros(2)}
+        >>> ema = ExponentialMovingAverage(0.5)
+        >>> ema.apply(params); params["w"][...] = 4.0; ema.apply(params)
+        >>> ema.copy_to(params); params["w"]
+        array([2., 2.])
+        """
+        for live, avg, backend in self._live_pairs(var_list):
+            backend.assign(live, avg)
+
+    def store(self, var_list: Any) -> None:
+        """Save copies of the current (live) values of ``var_list`` for `restore`."""
+        pairs = self._live_pairs(var_list)
+        self._stored = [
+            (live, backend.create_shadows([live], zeros=False)[0], backend)
+            for live, _, backend in pairs
+        ]
+
+    def restore(self) -> None:
+        """Write back the values saved by the last `store`, and forget them."""
+        if self._stored is None:
+            raise EMAError("restore() called without a matching store()")
+        for live, saved, backend in self._stored:
+            backend.assign(live, saved)
+        self._stored = None
+
+    @contextlib.contextmanager
+    def swapped(self, var_list: Any) -> Iterator[Any]:
+        """Evaluate with the averages: put them into ``var_list``, restore the live values after.
+
+        The live values come back even when the body raises.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> params = {"w": np.zeros(2)}
+        >>> ema = ExponentialMovingAverage(0.5)
+        >>> ema.apply(params); params["w"][...] = 4.0; ema.apply(params)
+        >>> with ema.swapped(params):
+        ...     print(params["w"])
+        [2. 2.]
+        >>> params["w"]
+        array([4., 4.])
+        """
+        pairs = self._live_pairs(var_list)
+        saved = [backend.create_shadows([live], zeros=False)[0] for live, _, backend in pairs]
+        try:
+            for live, avg, backend in pairs:
+                backend.assign(live, avg)
+            yield var_list
+        finally:
+            for (live, _, backend), value in zip(pairs, saved):
+                backend.assign(live, value)
 
     def variables_to_restore(self) -> dict[str, Any]:
         """Map each average's name to the live object it shadows (for restoring averages).
@@ -680,7 +938,11 @@ class ExponentialMovingAverage:
         """
         spec = getattr(self._schedule, "spec", None)
         leaves: dict[str, Any] = {}
+        copies: dict[str, Any] = {}
         for order, nm in enumerate(self._order):
+            if nm in self._copies:
+                copies[nm] = self._copies[nm][0]
+                continue
             group = self._where[nm]
             st = group.state
             leaves[nm] = {
@@ -700,6 +962,7 @@ class ExponentialMovingAverage:
             "compat": self._compat,
             "schedule": spec() if spec is not None else repr(self._schedule),
             "leaves": leaves,
+            "copies": copies,
         }
 
     def load_state_dict(self, state: Mapping[str, Any], strict: bool = True) -> LoadResult:
@@ -723,9 +986,15 @@ class ExponentialMovingAverage:
             ``strict``) its leaves differ from the tracked ones. Nothing changes then.
         """
         leaves = self._parse_state(state)
-        current = set(self._where)
-        missing = sorted(current - set(leaves)) if current else []
-        unexpected = sorted(set(leaves) - current) if current else []
+        loaded_copies = state.get("copies", {})
+        if not isinstance(loaded_copies, Mapping) or not all(
+            isinstance(k, str) and hasattr(v, "shape") for k, v in loaded_copies.items()
+        ):
+            raise StateDictError("state dict 'copies' must map leaf names to arrays")
+        current = set(self._where) | set(self._copies)
+        saved = set(leaves) | set(loaded_copies)
+        missing = sorted(current - saved) if current else []
+        unexpected = sorted(saved - current) if current else []
         if strict and (missing or unexpected):
             raise StateDictError(
                 f"state dict leaves differ from the tracked ones: missing {missing[:10]}, "
@@ -743,8 +1012,22 @@ class ExponentialMovingAverage:
         arrays = [rec["shadow"] for rec in keep.values()]
         backends = functional.resolve_backends(arrays, list(keep), self._backend_name)
         functional.check_floating(arrays, list(keep), backends)
-        copies = functional.create_shadows(arrays, backends, zeros=False)
-        self._install(keep, copies, backends, set(missing))
+        kept_copies = {nm: a for nm, a in loaded_copies.items() if not current or nm in current}
+        copy_backends = functional.resolve_backends(
+            list(kept_copies.values()), list(kept_copies), self._backend_name
+        )
+        new_copies = functional.create_shadows(
+            list(kept_copies.values()), copy_backends, zeros=False
+        )
+        shadows = functional.create_shadows(arrays, backends, zeros=False)
+        # nothing above changed this EMA; from here on nothing can fail
+        self._install(keep, shadows, backends, set(missing))
+        self._copies = {nm: rec for nm, rec in self._copies.items() if nm in missing}
+        for (nm, _), arr, b in zip(kept_copies.items(), new_copies, copy_backends):
+            self._copies[nm] = (arr, b)
+            self._kinds[nm] = _NAME
+            if nm not in self._order:
+                self._order.append(nm)
         return LoadResult(missing, unexpected)
 
     def _parse_state(self, state: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
@@ -800,7 +1083,7 @@ class ExponentialMovingAverage:
         missing: set[str],
     ) -> None:
         old_where = self._where
-        kept = {nm: old_where[nm] for nm in missing}
+        kept = {nm: old_where[nm] for nm in missing if nm in old_where}
         self._groups, self._where = {}, {}
         self._fast.clear()
         for g in {id(g): g for g in kept.values()}.values():

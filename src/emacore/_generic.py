@@ -14,6 +14,7 @@ from typing import Any
 
 from emacore._kernel import reference_update
 from emacore.backend import BackendSpec, Capabilities
+from emacore.errors import ImmutableArrayError
 from emacore.hookspecs import hookimpl
 
 __all__ = ["ArrayAPIBackend", "GENERIC"]
@@ -89,6 +90,20 @@ class ArrayAPIBackend:
 
     def check_writable(self, shadows: Sequence[Any], names: Sequence[str]) -> None:
         """Nothing to check: the generic backend never writes in place."""
+
+    def assign(self, dst: Any, src: Any) -> None:
+        """Write ``src`` into ``dst`` with ``dst[...] = src``; refused for immutable arrays."""
+        if not self.capabilities.mutable_arrays:
+            raise ImmutableArrayError(
+                f"backend {self.name!r}: its arrays are immutable, so averages cannot be "
+                "written into them in place (copy_to, swapped, store/restore); use "
+                "ema.average(params) and pass the averages on instead"
+            )
+        dst[...] = src
+
+    def named_leaves(self, obj: Any) -> list[tuple[str, Any, str]] | None:
+        """The generic backend knows no framework containers."""
+        return None
 
     def to_host(self, x: Any) -> Any:
         """Return ``x`` copied to the host as a buffer numpy can read."""

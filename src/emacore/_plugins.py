@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import sys
 import threading
 import warnings
 from collections.abc import Iterable
@@ -87,6 +88,7 @@ class Registry:
         self._collect()
         self._loaded: dict[str, Backend] = {}
         self._by_type: dict[type, Backend] = {}
+        self._containers: dict[type, Backend | None] = {}
         self._lock = threading.Lock()
 
     def _load_entry_points(self) -> None:
@@ -202,6 +204,27 @@ class Registry:
             backend = generic
         self._by_type[t] = backend
         return backend
+
+    def container_backend(self, obj: Any) -> Backend | None:
+        """Return the backend that knows the framework container ``obj`` (an ``nn.Module``).
+
+        Only backends whose library is already imported are asked (an object cannot be a
+        torch module unless torch is loaded); the answer is cached per type.
+        """
+        t = type(obj)
+        if t in self._containers:
+            return self._containers[t]
+        found: Backend | None = None
+        for name, (spec, _) in self._specs.items():
+            if not any(m in sys.modules for m in spec.array_modules):
+                continue
+            backend = self.get(name)
+            named = getattr(backend, "named_leaves", None)
+            if named is not None and named(obj) is not None:
+                found = backend
+                break
+        self._containers[t] = found
+        return found
 
 
 _registry: Registry | None = None

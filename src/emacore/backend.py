@@ -101,6 +101,22 @@ class Backend(Protocol):
         """Return ``x`` as something ``numpy.asarray`` accepts (for checkpoints and tests)."""
         ...
 
+    def assign(self, dst: Any, src: Any) -> None:
+        """Write ``src`` into the array ``dst`` in place (for ``copy_to``, ``swapped``, copies).
+
+        Raises `emacore.errors.EMAError` naming the backend where arrays are immutable.
+        """
+        ...
+
+    def named_leaves(self, obj: Any) -> list[tuple[str, Any, str]] | None:
+        """Return the arrays of a framework container (a ``torch.nn.Module``), or None.
+
+        Each entry is ``(name, array, kind)`` with kind ``"param"`` (trainable), ``"frozen"``
+        (a parameter that does not require grad) or ``"buffer"``. ``None`` means ``obj`` is
+        not a container this backend knows.
+        """
+        ...
+
 
 @dataclass(frozen=True)
 class BackendSpec:

@@ -11,6 +11,7 @@ __all__ = [
     "DecayError",
     "EMAError",
     "EMAWarning",
+    "ImmutableArrayError",
     "LeafDTypeError",
     "LeafMismatchError",
     "PluginWarning",
@@ -43,6 +44,10 @@ class StructureError(EMAError, ValueError):
 
 class ReadOnlyError(EMAError, ValueError):
     """An array emacore must write to in place is read-only."""
+
+
+class ImmutableArrayError(EMAError, TypeError):
+    """An operation needs to write into arrays in place, and the backend's arrays are immutable."""
 
 
 class StateDictError(EMAError, ValueError):

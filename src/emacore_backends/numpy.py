@@ -156,6 +156,12 @@ class NumpyBackend(ArrayAPIBackend):
         """Return ``x``: numpy arrays are already on the host."""
         return x
 
+    def assign(self, dst: Any, src: Any) -> None:
+        """Write ``src`` into ``dst`` in place."""
+        if not dst.flags.writeable:
+            raise ReadOnlyError(f"cannot write into a read-only numpy array of shape {dst.shape}")
+        np.copyto(dst, src, casting="same_kind")
+
     def update(
         self,
         shadows: Sequence[Any],
