@@ -119,8 +119,8 @@ class ExponentialMovingAverage:
         What ``apply(module)`` does with a module's floating buffers (BatchNorm's running
         statistics): copy their current value into the averaged model (the default, as
         torch's ``AveragedModel`` keeps them current), average them like parameters (timm's
-        choice), or leave them out. Integer buffers (``num_batches_tracked``) are always
-        copied, never averaged or truncated.
+        choice), or leave them out. Integer buffers (``num_batches_tracked``) are copied,
+        never averaged or truncated (or left out with ``"skip"``).
     frozen : {"copy", "average", "skip"}
         What ``apply(module)`` does with parameters that do not require grad. Copying (the
         default) gives the same result as averaging a parameter that never changes, for free.
@@ -341,13 +341,9 @@ class ExponentialMovingAverage:
         for name, x, kind in entries:
             if not self._keep(name):
                 continue
-            role = "average"
-            if not registry.resolve(x).is_floating(x):
+            role = {"buffer": self._buffers, "frozen": self._frozen}.get(kind, "average")
+            if role == "average" and not registry.resolve(x).is_floating(x):
                 role = "copy"  # integer buffers: copied, never averaged or truncated
-            elif kind == "buffer":
-                role = self._buffers
-            elif kind == "frozen":
-                role = self._frozen
             if role == "average":
                 avg_names.append(name)
                 avg.append(x)
@@ -825,10 +821,9 @@ class ExponentialMovingAverage:
                 raise KeyError(f"{type(var_list).__qualname__} object is not tracked by this EMA")
         elif kind != "module":
             self._require_tracked(kind, names, treedef)
-        registry = _plugins.get_registry()
+        backends = functional.resolve_backends(leaves, names, self._backend_name)
         pairs = []
-        for nm, live, avg in zip(names, leaves, self._averages_of(names)):
-            backend = registry.resolve(live)
+        for nm, live, avg, backend in zip(names, leaves, self._averages_of(names), backends):
             if not backend.capabilities.mutable_arrays:
                 raise ImmutableArrayError(
                     f"leaf {nm!r}: backend {backend.name!r} arrays are immutable, so "

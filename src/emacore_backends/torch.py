@@ -129,11 +129,20 @@ class TorchBackend(ArrayAPIBackend):
         """Parameters and buffers of an ``nn.Module`` by qualified name, in module order."""
         if not isinstance(obj, torch.nn.Module):
             return None
-        out: list[tuple[str, Any, str]] = [
-            (name, p, "param" if p.requires_grad else "frozen")
-            for name, p in obj.named_parameters()
-        ]
-        out.extend((name, b, "buffer") for name, b in obj.named_buffers())
+        # the order of module.state_dict(): each module's parameters, then its buffers;
+        # a tensor shared by two modules is tracked once, under its first name
+        out: list[tuple[str, Any, str]] = []
+        seen: set[int] = set()
+        for prefix, module in obj.named_modules():
+            dot = f"{prefix}." if prefix else ""
+            for name, p in module._parameters.items():
+                if p is not None and id(p) not in seen:
+                    seen.add(id(p))
+                    out.append((dot + name, p, "param" if p.requires_grad else "frozen"))
+            for name, b in module._buffers.items():
+                if b is not None and id(b) not in seen:
+                    seen.add(id(b))
+                    out.append((dot + name, b, "buffer"))
         return out
 
 

@@ -1,0 +1,124 @@
+"""Evaluating with the averages: copy_to, store/restore, swapped, and include/exclude, on
+every backend whose arrays are mutable; a clear error where they are not."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+import emacore
+
+
+def _trained(lib: Any) -> tuple[emacore.EMA, dict[str, Any]]:
+    params = {"w": lib.make(np.zeros(3)), "b": lib.make(np.zeros(2))}
+    ema = emacore.EMA(0.5)
+    ema.apply(params)
+    lib.set_value(params["w"], np.full(3, 4.0))
+    lib.set_value(params["b"], np.full(2, 2.0))
+    ema.apply(params)  # averages: w = 2, b = 1; live: w = 4, b = 2
+    return ema, params
+
+
+def test_copy_to_writes_averages_in_place(lib: Any) -> None:
+    ema, params = _trained(lib)
+    w = params["w"]
+    ema.copy_to(params)
+    assert params["w"] is w
+    np.testing.assert_array_equal(lib.read(params["w"]), np.full(3, 2.0))
+    np.testing.assert_array_equal(lib.read(params["b"]), np.full(2, 1.0))
+    assert lib.device_of(params["w"]) == lib.device
+
+
+def test_swapped_restores_even_when_the_body_raises(lib: Any) -> None:
+    ema, params = _trained(lib)
+    with ema.swapped(params):
+        np.testing.assert_array_equal(lib.read(params["w"]), np.full(3, 2.0))
+    np.testing.assert_array_equal(lib.read(params["w"]), np.full(3, 4.0))
+    with pytest.raises(RuntimeError, match="boom"), ema.swapped(params):
+        np.testing.assert_array_equal(lib.read(params["b"]), np.full(2, 1.0))
+        raise RuntimeError("boom")
+    np.testing.assert_array_equal(lib.read(params["b"]), np.full(2, 2.0))
+    # the shadows were not disturbed by swapping
+    np.testing.assert_array_equal(lib.read(ema.average(params)["w"]), np.full(3, 2.0))
+
+
+def test_store_restore(lib: Any) -> None:
+    ema, params = _trained(lib)
+    ema.store(params)
+    ema.copy_to(params)
+    np.testing.assert_array_equal(lib.read(params["w"]), np.full(3, 2.0))
+    ema.restore()
+    np.testing.assert_array_equal(lib.read(params["w"]), np.full(3, 4.0))
+    with pytest.raises(emacore.EMAError, match="without a matching store"):
+        ema.restore()
+
+
+def test_copy_to_untracked_container_changes_nothing(lib: Any) -> None:
+    ema, params = _trained(lib)
+    other = {"w": params["w"], "new": lib.make(np.zeros(1))}
+    with pytest.raises(KeyError, match="'new'"):
+        ema.copy_to(other)
+    np.testing.assert_array_equal(lib.read(params["w"]), np.full(3, 4.0))
+
+
+@pytest.mark.parametrize(
+    ("include", "exclude", "tracked"),
+    [
+        (None, "enc/*", {"dec/w"}),
+        ("enc/*", None, {"enc/w", "enc/b"}),
+        (["enc/w", "dec/*"], None, {"enc/w", "dec/w"}),
+        (None, lambda name: name.endswith("/b"), {"enc/w", "dec/w"}),
+    ],
+)
+def test_include_exclude(lib: Any, include: Any, exclude: Any, tracked: set[str]) -> None:
+    params = {
+        "enc": {"w": lib.make(np.ones(2)), "b": lib.make(np.ones(1))},
+        "dec": {"w": lib.make(np.ones(3))},
+    }
+    ema = emacore.EMA(0.9, include=include, exclude=exclude)
+    ema.apply(params)
+    ema.apply(params)
+    assert set(ema.state_dict()["leaves"]) == tracked
+
+
+def test_bad_options() -> None:
+    with pytest.raises(ValueError, match="buffers must be one of"):
+        emacore.EMA(0.9, buffers="mean")
+    with pytest.raises(ValueError, match="frozen must be one of"):
+        emacore.EMA(0.9, frozen=True)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="include must be a glob pattern"):
+        emacore.EMA(0.9, include=[1, 2])  # type: ignore[list-item]
+
+
+class _ImmutableStrict(emacore.ArrayAPIBackend):
+    """array-api-strict arrays, declared immutable (as JAX's are)."""
+
+    def __init__(self) -> None:
+        super().__init__("immutable", emacore.Capabilities(mutable_arrays=False))
+
+
+class _Plugin:
+    @emacore.hookimpl
+    def emacore_backends(self) -> list[emacore.BackendSpec]:
+        backend = _ImmutableStrict()
+        return [emacore.BackendSpec("immutable", (), load=lambda: backend)]
+
+
+def test_immutable_arrays_refuse_in_place_evaluation() -> None:
+    import array_api_strict as xp
+
+    emacore.reset_registry(emacore.Registry(autoload=False, plugins=[_Plugin()]))
+    try:
+        ema = emacore.EMA(0.5, backend="immutable")
+        params = {"w": xp.asarray([0.0, 0.0])}
+        ema.apply(params)
+        with pytest.raises(emacore.ImmutableArrayError, match="immutable"):
+            ema.copy_to(params)
+        with pytest.raises(emacore.ImmutableArrayError), ema.swapped(params):
+            pass
+        with pytest.raises(emacore.ImmutableArrayError, match="backend 'immutable'"):
+            _ImmutableStrict().assign(params["w"], params["w"])
+    finally:
+        emacore.reset_registry()

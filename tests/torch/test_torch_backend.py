@@ -1,0 +1,212 @@
+"""torch specifics: nn.Module tracking, buffer and frozen-parameter policies, swapping the
+averages in for evaluation, fused calls per (device, dtype), no autograd graph.
+
+Runs where ``EMACORE_TEST_BACKENDS`` names torch (``nox -s "tests(backend='torch')"``); there
+an import failure is an error, not a skip.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+if "torch" not in os.environ.get("EMACORE_TEST_BACKENDS", ""):
+    pytest.skip(
+        "torch is not among EMACORE_TEST_BACKENDS (the torch nox session runs these)",
+        allow_module_level=True,
+    )
+
+import torch
+from torch import nn
+
+import emacore
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
+
+
+def _train(model: nn.Module, ema: emacore.EMA, steps: int = 6) -> list[dict[str, np.ndarray]]:
+    """SGD steps; returns the float64 value of every parameter/buffer after each step."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    seen = []
+    ema.apply(model)
+    seen.append({k: v.detach().double().numpy().copy() for k, v in model.state_dict().items()})
+    for _ in range(steps):
+        x = torch.randn(16, 4)
+        loss = model(x).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        ema.apply(model)
+        seen.append({k: v.detach().double().numpy().copy() for k, v in model.state_dict().items()})
+    return seen
+
+
+def _ref(seen: list[dict[str, np.ndarray]], name: str, decay: float) -> np.ndarray:
+    s = seen[0][name]
+    for step in seen[1:]:
+        s = decay * s + (1 - decay) * step[name]
+    return s
+
+
+def test_module_parameters_averaged_buffers_copied() -> None:
+    model = _model()
+    ema = emacore.EMA(0.8)
+    seen = _train(model, ema)
+    avg = ema.average(model)
+    assert list(avg) == list(model.state_dict())  # every parameter and buffer, module order
+    for name, p in model.named_parameters():
+        assert avg[name].dtype == p.dtype
+        assert avg[name].requires_grad is False
+        np.testing.assert_allclose(avg[name].double().numpy(), _ref(seen, name, 0.8), rtol=1e-5)
+    # float buffers: copied by default (the current running statistics)
+    torch.testing.assert_close(avg["1.running_mean"], model[1].running_mean, rtol=0, atol=0)
+    # integer buffers: copied exactly, in their dtype
+    assert avg["1.num_batches_tracked"].dtype == torch.int64
+    assert int(avg["1.num_batches_tracked"]) == 6
+
+
+def test_buffers_average_option_never_averages_integers() -> None:
+    model = _model()
+    ema = emacore.EMA(0.8, buffers="average")
+    seen = _train(model, ema)
+    avg = ema.average(model)
+    np.testing.assert_allclose(
+        avg["1.running_var"].double().numpy(), _ref(seen, "1.running_var", 0.8), rtol=1e-5
+    )
+    assert avg["1.num_batches_tracked"].dtype == torch.int64
+    assert int(avg["1.num_batches_tracked"]) == 6
+    assert "1.num_batches_tracked" not in ema.state_dict()["leaves"]
+    assert "1.num_batches_tracked" in ema.state_dict()["copies"]
+
+
+def test_buffers_skip_and_frozen_policies() -> None:
+    model = _model()
+    model[0].weight.requires_grad_(False)
+    ema = emacore.EMA(0.8, buffers="skip", frozen="skip")
+    _train(model, ema, steps=2)
+    tracked = set(ema.average(model))
+    assert "0.weight" not in tracked
+    assert not any("running" in n or "num_batches" in n for n in tracked)
+    copied = emacore.EMA(0.8)  # default: frozen parameters are copied
+    model2 = _model()
+    model2[0].weight.requires_grad_(False)
+    _train(model2, copied, steps=2)
+    assert "0.weight" in copied.state_dict()["copies"]
+    torch.testing.assert_close(copied.average(model2)["0.weight"], model2[0].weight.detach())
+
+
+def test_include_exclude_module_names() -> None:
+    model = _model()
+    ema = emacore.EMA(0.8, exclude=["0.*", "*.num_batches_tracked"])
+    _train(model, ema, steps=1)
+    names = set(ema.average(model))
+    assert not any(n.startswith("0.") for n in names)
+    assert "3.weight" in names
+    assert "1.num_batches_tracked" not in names
+
+
+def test_swapped_model_evaluates_with_averages_and_restores() -> None:
+    model = _model()
+    ema = emacore.EMA(0.8)
+    _train(model, ema)
+    model.eval()
+    x = torch.randn(5, 4)
+    live = {k: v.clone() for k, v in model.state_dict().items()}
+    reference = _model()
+    reference.load_state_dict(ema.average(model))
+    reference.eval()
+    with torch.no_grad(), ema.swapped(model):
+        torch.testing.assert_close(model(x), reference(x))
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, live[k], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="inside"), ema.swapped(model):
+        raise ValueError("inside")
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, live[k], rtol=0, atol=0)
+    # parameters stay the optimizer's objects, still trainable
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_state_dict_round_trip_with_copies() -> None:
+    model = _model()
+    ema = emacore.EMA(0.8)
+    _train(model, ema, steps=3)
+    restored = emacore.EMA(0.8)
+    assert restored.load_state_dict(ema.state_dict()) == emacore.LoadResult([], [])
+    for k, v in ema.average(model).items():
+        torch.testing.assert_close(restored.average(model)[k], v, rtol=0, atol=0)
+
+
+def test_no_autograd_graph_and_in_place() -> None:
+    w = nn.Parameter(torch.randn(3))
+    ema = emacore.EMA(0.5)
+    ema.apply([w])
+    shadow = ema.average(w)
+    (w * 2).sum().backward()
+    with torch.no_grad():
+        w.add_(1.0)
+    ema.apply([w])
+    assert ema.average(w) is shadow  # updated in place
+    assert shadow.grad_fn is None
+    assert not shadow.requires_grad
+    torch.testing.assert_close(w.grad, torch.full((3,), 2.0))
+
+
+def test_one_fused_call_per_device_dtype_group(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    real = torch._foreach_lerp_
+
+    def counting(selfs: list[torch.Tensor], others: list[torch.Tensor], w: float) -> None:
+        calls.append(len(selfs))
+        real(selfs, others, w)
+
+    monkeypatch.setattr(torch, "_foreach_lerp_", counting)
+    params = [torch.randn(3), torch.randn(4, dtype=torch.float64), torch.randn(5)]
+    ema = emacore.EMA(0.5)
+    ema.apply(params)
+    calls.clear()
+    ema.apply(params)
+    assert sorted(calls) == [1, 2]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_exact_and_fused_modes(dtype: torch.dtype) -> None:
+    torch.manual_seed(1)
+    start, new = torch.randn(1000, dtype=dtype), torch.randn(1000, dtype=dtype)
+    exact = emacore.EMA(0.99, compat="tensorflow")
+    fused = emacore.EMA(0.99)
+    a, b = start.clone(), start.clone()
+    exact.apply([a])
+    fused.apply([b])
+    a.copy_(new)
+    b.copy_(new)
+    exact.apply([a])
+    fused.apply([b])
+    c32 = float(np.float32(1.0) - np.float32(0.99))  # TF: 1 - d in float32
+    want_exact = start - (start - new) * c32
+    torch.testing.assert_close(exact.average(a), want_exact, rtol=0, atol=0)
+    want = start.double() - (start.double() - new.double()) * (1 - 0.99)
+    torch.testing.assert_close(fused.average(b).double(), want, rtol=2e-7, atol=2e-7)
+
+
+def test_module_parameter_shape_change_is_refused() -> None:
+    model = nn.Linear(3, 2)
+    ema = emacore.EMA(0.5)
+    ema.apply(model)
+    model.weight = nn.Parameter(torch.zeros(4, 3))
+    with pytest.raises(emacore.LeafMismatchError, match=r"leaf 'weight': shape \(4, 3\)"):
+        ema.apply(model)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_cuda_parameters_keep_their_device() -> None:
+    model = _model().cuda()
+    ema = emacore.EMA(0.9)
+    ema.apply(model)
+    assert all(v.device.type == "cuda" for v in ema.average(model).values())
