@@ -36,9 +36,14 @@ def test_swapped_restores_even_when_the_body_raises(lib: Any) -> None:
     with ema.swapped(params):
         np.testing.assert_array_equal(lib.read(params["w"]), np.full(3, 2.0))
     np.testing.assert_array_equal(lib.read(params["w"]), np.full(3, 4.0))
-    with pytest.raises(RuntimeError, match="boom"), ema.swapped(params):
-        np.testing.assert_array_equal(lib.read(params["b"]), np.full(2, 1.0))
-        raise RuntimeError("boom")
+
+    def evaluate_and_fail() -> None:
+        with ema.swapped(params):
+            np.testing.assert_array_equal(lib.read(params["b"]), np.full(2, 1.0))
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        evaluate_and_fail()
     np.testing.assert_array_equal(lib.read(params["b"]), np.full(2, 2.0))
     # the shadows were not disturbed by swapping
     np.testing.assert_array_equal(lib.read(ema.average(params)["w"]), np.full(3, 2.0))
