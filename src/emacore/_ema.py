@@ -38,6 +38,7 @@ STATE_FORMAT = "emacore.ExponentialMovingAverage"
 STATE_VERSION = 1
 _IDENTITY, _POSITION, _NAME = "identity", "position", "name"
 _ROLES = ("copy", "average", "skip")
+_SHADOW_DTYPE_NAMES = ("same", "float16", "bfloat16", "float32", "float64")
 
 
 def _name_filter(
@@ -115,6 +116,12 @@ class ExponentialMovingAverage:
         ``"tensorflow"`` reproduces TF 2 bit for bit (float32 decay, TF's debias formula).
     backend : str, optional
         Force a backend by name instead of resolving it from each array's type.
+    shadow_dtype : None, "same", or a floating dtype (or its name, ``"float64"``)
+        The shadows' dtype. None (default): float32 for 16-bit float parameters (bfloat16,
+        float16), whose own precision cannot hold a slow average (a bfloat16 shadow with
+        decay 0.999 never moves), and the parameter's dtype otherwise; with
+        ``compat="tensorflow"`` always the parameter's, as TF does. ``"same"``: the
+        parameter's. A dtype: that one for every leaf (it must hold the parameter exactly).
     buffers : {"copy", "average", "skip"}
         What ``apply(module)`` does with a module's floating buffers (BatchNorm's running
         statistics): copy their current value into the averaged model (the default, as
@@ -156,6 +163,7 @@ class ExponentialMovingAverage:
         *,
         compat: str = "default",
         backend: str | None = None,
+        shadow_dtype: Any = None,
         buffers: str = "copy",
         frozen: str = "copy",
         include: str | Sequence[str] | Callable[[str], bool] | None = None,
@@ -202,6 +210,14 @@ class ExponentialMovingAverage:
             if value not in _ROLES:
                 raise ValueError(f"{option} must be one of {_ROLES}, got {value!r}")
         self._buffers, self._frozen = buffers, frozen
+        if isinstance(shadow_dtype, bool) or (
+            isinstance(shadow_dtype, str) and shadow_dtype not in _SHADOW_DTYPE_NAMES
+        ):
+            raise ValueError(
+                f"shadow_dtype must be None, one of {_SHADOW_DTYPE_NAMES} or a dtype, got "
+                f"{shadow_dtype!r}"
+            )
+        self._shadow_dtype = shadow_dtype
         self._include = _name_filter("include", include)
         self._exclude = _name_filter("exclude", exclude)
         self._copies: dict[str, tuple[Any, Backend]] = {}
@@ -606,8 +622,15 @@ class ExponentialMovingAverage:
             else:
                 self._kinds[names[i]] = _NAME
             self._order.append(names[i])
+        fresh_leaves = [leaves[i] for i in fresh]
+        fresh_backends = [backends[i] for i in fresh]
         shadows = functional.create_shadows(
-            [leaves[i] for i in fresh], [backends[i] for i in fresh], zeros=self._zero_debias
+            fresh_leaves,
+            fresh_backends,
+            zeros=self._zero_debias,
+            dtypes=functional.shadow_dtypes(
+                fresh_leaves, fresh_backends, self._shadow_dtype, self._compat
+            ),
         )
         fresh_names = tuple(names[i] for i in fresh)
         group = _Group(

@@ -100,13 +100,18 @@ def check_pairs(
     got = list(map(spec, params))
     want = shadow_specs if shadow_specs is not None else list(map(spec, shadows))
     if got != want:
-        for name, g, w in zip(names, got, want):
-            for attr, gv, wv in zip(("shape", "dtype"), g, w):
-                if gv != wv:
-                    raise LeafMismatchError(
-                        f"leaf {name!r}: {attr} {_show(gv)} does not match its shadow's "
-                        f"{attr} {_show(wv)}"
-                    )
+        for name, g, w, backend, shadow in zip(names, got, want, shadow_backends, shadows):
+            if g[0] != w[0]:
+                raise LeafMismatchError(
+                    f"leaf {name!r}: shape {_show(g[0])} does not match its shadow's "
+                    f"shape {_show(w[0])}"
+                )
+            if g[1] != w[1] and not widens(backend.namespace(shadow), g[1], w[1]):
+                raise LeafMismatchError(
+                    f"leaf {name!r}: dtype {g[1]} does not match its shadow's dtype {w[1]} "
+                    "(a parameter may only be narrower than its shadow, e.g. bfloat16 "
+                    "into a float32 shadow)"
+                )
     for backend in dict.fromkeys(shadow_backends):
         if backend.capabilities.one_device:
             continue
@@ -121,16 +126,77 @@ def check_pairs(
                 )
 
 
+def widens(xp: Any, param_dtype: Any, shadow_dtype: Any) -> bool:
+    """True if a ``param_dtype`` parameter converts exactly into a ``shadow_dtype`` shadow."""
+    # from finfo, not can_cast: torch's can_cast allows float64 -> float32 (same kind)
+    try:
+        if not (
+            xp.isdtype(param_dtype, "real floating") and xp.isdtype(shadow_dtype, "real floating")
+        ):
+            return False
+        p, w = xp.finfo(param_dtype), xp.finfo(shadow_dtype)
+    except (TypeError, ValueError):
+        return False
+    return bool(
+        p.bits <= w.bits
+        and p.eps >= w.eps
+        and p.max <= w.max
+        and p.smallest_normal >= w.smallest_normal
+    )
+
+
+def shadow_dtypes(
+    leaves: Sequence[Any], backends: Sequence[Backend], policy: Any, compat: str
+) -> list[Any]:
+    """The dtype of each new shadow (``None``: the parameter's own).
+
+    ``policy`` None: float32 for 16-bit floating parameters (a bfloat16 shadow with decay
+    0.999 never moves: ``1 - d`` is below half its epsilon), the parameter's dtype otherwise;
+    with ``compat="tensorflow"`` always the parameter's, as TF does. ``"same"``: the
+    parameter's. Otherwise a dtype (or its name, e.g. ``"float32"``) for every leaf.
+    """
+    out: list[Any] = []
+    for x, backend in zip(leaves, backends):
+        xp = backend.namespace(x)
+        if policy == "same" or (policy is None and compat == "tensorflow"):
+            out.append(None)
+        elif policy is None:
+            out.append(xp.float32 if int(xp.finfo(x.dtype).bits) < 32 else None)
+        else:
+            target = getattr(xp, policy) if isinstance(policy, str) else policy
+            if not xp.isdtype(target, "real floating"):
+                raise LeafDTypeError(f"shadow_dtype must be a floating dtype, got {policy!r}")
+            if target != x.dtype and not widens(xp, x.dtype, target):
+                raise LeafDTypeError(
+                    f"shadow_dtype {policy!r} cannot hold a {x.dtype} parameter exactly; "
+                    "choose a dtype at least as wide"
+                )
+            out.append(None if target == x.dtype else target)
+    return out
+
+
 def _show(value: Any) -> str:
     return str(tuple(value)) if isinstance(value, tuple) else str(value)
 
 
-def create_shadows(params: Sequence[Any], backends: Sequence[Backend], *, zeros: bool) -> list[Any]:
+def create_shadows(
+    params: Sequence[Any],
+    backends: Sequence[Backend],
+    *,
+    zeros: bool,
+    dtypes: Sequence[Any] | None = None,
+) -> list[Any]:
     """Create shadows for ``params``, one backend call per backend (so it can pack them).
 
-    With a single backend its list is returned as is: it may carry the backend's notes on how
-    it laid the shadows out (see `emacore._pytree.ShadowList`).
+    ``dtypes`` (from `shadow_dtypes`) converts a parameter before its shadow is made. With a
+    single backend its list is returned as is: it may carry the backend's notes on how it
+    laid the shadows out (see `emacore._pytree.ShadowList`).
     """
+    if dtypes is not None and any(dt is not None for dt in dtypes):
+        params = [
+            p if dt is None else b.namespace(p).astype(p, dt)
+            for p, dt, b in zip(params, dtypes, backends)
+        ]
     if backends and backends.count(backends[0]) == len(backends):
         made: list[Any] = backends[0].create_shadows(list(params), zeros=zeros)
         return made
@@ -218,6 +284,7 @@ def init(
     zero_debias: bool = False,
     compat: str = "default",
     backend: str | Backend | None = None,
+    shadow_dtype: Any = None,
 ) -> EMAState:
     """Create the state of an EMA over the pytree ``params``.
 
@@ -232,6 +299,9 @@ def init(
         ``"tensorflow"`` reproduces TF 2's arithmetic bit for bit.
     backend : str or Backend, optional
         Force a backend instead of resolving it from the arrays' type.
+    shadow_dtype : None, "same", or a floating dtype (or its name)
+        None (default): float32 shadows for 16-bit float parameters, the parameter's dtype
+        otherwise (``compat="tensorflow"``: always the parameter's, as TF).
 
     Returns
     -------
@@ -249,7 +319,8 @@ def init(
     names = _pytree.leaf_names(treedef)
     backends = resolve_backends(leaves, names, backend)
     check_floating(leaves, names, backends)
-    shadows = create_shadows(leaves, backends, zeros=zero_debias)
+    dtypes = shadow_dtypes(leaves, backends, shadow_dtype, compat)
+    shadows = create_shadows(leaves, backends, zeros=zero_debias, dtypes=dtypes)
     return EMAState(
         _pytree.unflatten(treedef, shadows), zero_debias=bool(zero_debias), compat=compat
     )

@@ -189,9 +189,9 @@ class NumpyBackend(ArrayAPIBackend):
                 if packing.scratch is None:
                     packing.scratch = np.empty(gathers[-1][3], dtype=packing.base.dtype)
                 for i0, i1, lo, hi in gathers:
-                    # casting="no" and the exact out size refuse a wrong dtype or size
+                    # casting="safe" and the exact out size refuse a wrong dtype or size
                     np.concatenate(
-                        params[i0:i1], axis=None, out=packing.scratch[lo:hi], casting="no"
+                        params[i0:i1], axis=None, out=packing.scratch[lo:hi], casting="safe"
                     )
             self._run(lanes, shadows, params, c, packing)
         else:
@@ -347,7 +347,7 @@ def _check_same(shadows: Sequence[Any], params: Sequence[Any], indices: Any) -> 
     """Refuse, before any write, a parameter whose dtype or size differs from its shadow's."""
     for i in indices:
         s, p = shadows[i], params[i]
-        if p.dtype != s.dtype or p.size != s.size:
+        if p.size != s.size or (p.dtype != s.dtype and not np.can_cast(p.dtype, s.dtype)):
             raise ValueError(
                 f"parameter #{i} ({p.dtype}, {p.size} elements) does not match its shadow "
                 f"({s.dtype}, {s.size} elements)"

@@ -7,7 +7,8 @@ Design invariants:
 * One fused multi-tensor call per (device, dtype) group: ``torch._foreach_lerp_`` (one pass
   over memory) by default; with ``exact=True`` (``compat="tensorflow"``) the reference
   kernel's three operations in its order, as ``_foreach`` calls, so the numbers are TF's bit
-  for bit (that mode allocates its temporaries).
+  for bit (that mode allocates its temporaries, as does a float32 shadow of a bfloat16
+  parameter, whose difference is formed in float32).
 * The (device, dtype) grouping of a list of shadows is computed once and kept on the list.
 """
 
@@ -105,10 +106,15 @@ class TorchBackend(ArrayAPIBackend):
                 # under no_grad, reading parameters that require grad records nothing
                 s_list = list(shadows) if single else [shadows[i] for i in idx]
                 p_list = list(params) if single else [params[i] for i in idx]
+                dtype = s_list[0].dtype
+                mixed = any(p.dtype != dtype for p in p_list)  # bf16 params, f32 shadows
                 if exact:
                     delta = torch._foreach_sub(s_list, p_list)
                     torch._foreach_mul_(delta, c)
                     torch._foreach_sub_(s_list, delta)
+                elif mixed:
+                    # _foreach_lerp_ wants one dtype; s - c * (s - p) promotes p exactly
+                    torch._foreach_sub_(s_list, torch._foreach_sub(s_list, p_list), alpha=c)
                 else:
                     torch._foreach_lerp_(s_list, p_list, c)
         return shadows if isinstance(shadows, list) else list(shadows)

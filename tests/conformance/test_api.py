@@ -221,3 +221,21 @@ def test_load_state_dict_strict_reports_differences(lib: Any) -> None:
         emacore.EMA(0.5, zero_debias=True).load_state_dict(sd)
     with pytest.raises(emacore.StateDictError, match="format"):
         emacore.EMA(0.5).load_state_dict({"leaves": {}})
+
+
+def test_float64_shadows_for_float32_parameters(lib: Any) -> None:
+    rng = np.random.default_rng(5)
+    values = [rng.standard_normal(4).astype(np.float32) for _ in range(8)]
+    w = lib.make(values[0])
+    ema = emacore.EMA(0.9, shadow_dtype="float64")
+    for v in values:
+        lib.set_value(w, v)
+        ema.apply([w])
+    avg = ema.average(w)
+    assert avg.dtype == lib.dtype("float64")
+    want = ref_ema([v.astype(np.float64) for v in values], [0.9] * 8, zero_debias=False)
+    np.testing.assert_allclose(lib.read(avg), want, rtol=1e-13)
+    with pytest.raises(emacore.LeafDTypeError, match="cannot hold a .*float64"):
+        emacore.EMA(0.9, shadow_dtype="float32").apply([lib.make(np.zeros(1, np.float64))])
+    with pytest.raises(ValueError, match="shadow_dtype must be"):
+        emacore.EMA(0.9, shadow_dtype="float8")

@@ -63,11 +63,12 @@ def test_shape_mismatch_names_leaf_and_changes_nothing(lib: Any) -> None:
 
 def test_dtype_mismatch(lib: Any) -> None:
     ema = emacore.EMA(0.9)
-    ema.apply({"w": lib.make(np.zeros(2, np.float64))})
+    ema.apply({"w": lib.make(np.zeros(2, np.float32))})
     with pytest.raises(
-        emacore.LeafMismatchError, match="leaf 'w': dtype .*float32.* shadow's dtype .*float64"
+        emacore.LeafMismatchError,
+        match="leaf 'w': dtype .*float64.* does not match its shadow's dtype .*float32",
     ):
-        ema.apply({"w": lib.make(np.zeros(2, np.float32))})
+        ema.apply({"w": lib.make(np.zeros(2, np.float64))})
 
 
 def test_non_floating_leaf(lib: Any) -> None:

@@ -148,3 +148,22 @@ def test_same_array_changed_in_place_is_still_refused_whole(size: int) -> None:
         ema.apply(params)
     for p, b in zip(params[:2], before):
         np.testing.assert_array_equal(ema.average(p), b)
+
+
+def test_half_parameters_get_float32_shadows_by_default() -> None:
+    """A float16 shadow with decay 0.999 cannot follow a parameter 0.25 away: each step's
+    increment, 0.00025, is below half its spacing at 1.0. The default float32 shadow does."""
+    params = {"w": np.ones(8, np.float16)}
+    default, same = emacore.EMA(0.999), emacore.EMA(0.999, shadow_dtype="same")
+    tf_like = emacore.EMA(0.999, compat="tensorflow")
+    for ema in (default, same, tf_like):
+        ema.apply(params)
+    params["w"] = np.full(8, 1.25, np.float16)
+    for _ in range(200):
+        for ema in (default, same, tf_like):
+            ema.apply(params)
+    assert default.average(params)["w"].dtype == np.float32
+    np.testing.assert_allclose(default.average(params)["w"], 1.25 - 0.25 * 0.999**200, rtol=1e-5)
+    assert same.average(params)["w"].dtype == np.float16
+    assert tf_like.average(params)["w"].dtype == np.float16  # TF keeps the variable's dtype
+    np.testing.assert_array_equal(same.average(params)["w"], 1.0)  # stuck

@@ -210,3 +210,44 @@ def test_cuda_parameters_keep_their_device() -> None:
     ema = emacore.EMA(0.9)
     ema.apply(model)
     assert all(v.device.type == "cuda" for v in ema.average(model).values())
+
+
+@pytest.mark.parametrize("compat", ["default", "tensorflow"])
+def test_bfloat16_parameters(compat: str) -> None:
+    """A bfloat16 shadow with decay 0.999 never moves toward a parameter 0.25 away (each
+    increment is below half its spacing); emacore's default float32 shadow does."""
+    w = nn.Parameter(torch.ones(16, dtype=torch.bfloat16))
+    default = emacore.EMA(0.999, compat=compat)
+    same = emacore.EMA(0.999, shadow_dtype="same")
+    default.apply([w])
+    same.apply([w])
+    with torch.no_grad():
+        w.fill_(1.25)
+    for _ in range(300):
+        default.apply([w])
+        same.apply([w])
+    if compat == "tensorflow":  # TF keeps the variable's dtype: the shadow is stuck too
+        assert default.average(w).dtype == torch.bfloat16
+        assert torch.all(default.average(w) == 1.0)
+    else:
+        assert default.average(w).dtype == torch.float32
+        want = 1.25 - 0.25 * 0.999**300
+        torch.testing.assert_close(
+            default.average(w), torch.full((16,), want), rtol=1e-5, atol=1e-6
+        )
+    assert same.average(w).dtype == torch.bfloat16
+    assert torch.all(same.average(w) == 1.0)
+
+
+def test_float32_shadow_of_bfloat16_matches_reference_in_exact_order() -> None:
+    torch.manual_seed(3)
+    w = torch.randn(64).to(torch.bfloat16)
+    ema = emacore.EMA(0.9, shadow_dtype="float32", compat="tensorflow")
+    ema.apply([w])
+    ref = w.float().clone()
+    for _ in range(5):
+        w.copy_(torch.randn(64).to(torch.bfloat16))
+        ema.apply([w])
+        c = float(np.float32(1.0) - np.float32(0.9))
+        ref = ref - (ref - w.float()) * c
+    torch.testing.assert_close(ema.average(w), ref, rtol=0, atol=0)
