@@ -26,7 +26,7 @@ Compat = Literal["default", "tensorflow"]
 COMPAT_MODES: tuple[str, ...] = ("default", "tensorflow")
 
 
-def decay_at(schedule: Schedule, step: Any, compat: str) -> float:
+def decay_at(schedule: Schedule, step: Any, compat: str) -> Any:
     """Evaluate ``schedule`` at ``step`` and check the result lies in [0, 1].
 
     Parameters
@@ -40,8 +40,9 @@ def decay_at(schedule: Schedule, step: Any, compat: str) -> float:
 
     Returns
     -------
-    float
-        The decay, a Python float.
+    float or 0-d array
+        The decay: a Python float, checked to lie in [0, 1]; or, for an array step (a traced
+        counter), the schedule's 0-d array, unchecked.
 
     Examples
     --------
@@ -54,10 +55,14 @@ def decay_at(schedule: Schedule, step: Any, compat: str) -> float:
         value = tf_value(step) if tf_value is not None else f32(float(schedule(step)))
     else:
         value = schedule(step)
-    return check_decay(value, f"decay from {schedule!r} at step {step!r}")
+    if hasattr(value, "shape"):
+        # an array decay, from a traced step counter (traceable state under jit/compile):
+        # its value is not known here, so it cannot be range-checked
+        return value
+    return check_decay(value, lambda: f"decay from {schedule!r} at step {step!r}")
 
 
-def coefficient(decay: float, compat: str) -> float:
+def coefficient(decay: Any, compat: str) -> Any:
     """Return ``c = 1 - decay``, the weight of the new value in the update.
 
     In ``"tensorflow"`` mode ``1 - d`` is a float32 operation; the caller's array library then

@@ -86,6 +86,11 @@ class ArrayAPIBackend:
         exact: bool = True,
     ) -> list[Any]:
         """Return the reference update of every pair (functional: new arrays; always exact)."""
+        if hasattr(c, "shape"):  # a traced 0-d coefficient: cast it, or it would promote
+            return [
+                reference_update(s, p, self.namespace(s).astype(c, s.dtype))
+                for s, p in zip(shadows, params)
+            ]
         return [reference_update(s, p, c) for s, p in zip(shadows, params)]
 
     def check_writable(self, shadows: Sequence[Any], names: Sequence[str]) -> None:

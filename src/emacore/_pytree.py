@@ -10,7 +10,6 @@ dicts with the same keys have the same structure whatever their insertion order.
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 __all__ = ["LEAF", "ShadowList", "flatten", "is_flat_sequence", "leaf_names", "unflatten"]
@@ -114,12 +113,25 @@ def _build(treedef: Any, it: Any) -> Any:
     return items if kind == "list" else tuple(items)
 
 
-@functools.lru_cache(maxsize=256)
+_NAMES: dict[Any, tuple[str, ...]] = {}
+_NAMES_MAX = 256
+
+
 def leaf_names(treedef: Any) -> tuple[str, ...]:
-    """Return each leaf's key path, joined with ``/`` (``""`` for a bare leaf)."""
-    names: list[str] = []
-    _names_into(treedef, "", names)
-    return tuple(names)
+    """Return each leaf's key path, joined with ``/`` (``""`` for a bare leaf).
+
+    Cached per treedef in a plain dict (not ``functools.lru_cache``, which
+    ``torch.compile`` warns about when it traces through it).
+    """
+    names = _NAMES.get(treedef)
+    if names is None:
+        out: list[str] = []
+        _names_into(treedef, "", out)
+        names = tuple(out)
+        if len(_NAMES) >= _NAMES_MAX:
+            _NAMES.clear()
+        _NAMES[treedef] = names
+    return names
 
 
 def _join(prefix: str, key: Any) -> str:

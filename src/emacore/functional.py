@@ -221,7 +221,7 @@ def check_writable(
         backend.check_writable([shadows[i] for i in idx], [names[i] for i in idx])
 
 
-def step_decay(decay: Any, step: Any, compat: str) -> float:
+def step_decay(decay: Any, step: Any, compat: str) -> Any:
     """The decay for an update at ``step``: a number is constant; a schedule is evaluated."""
     return decay_at(as_schedule(decay), step, compat)
 
@@ -249,18 +249,31 @@ def apply_update(
     return out
 
 
-def advance(state: EMAState, decay: float) -> dict[str, Any]:
+def advance(state: EMAState, decay: Any) -> dict[str, Any]:
     """The scalar part of the new state after one update with ``decay``."""
+    last = state.last_decay
     return {
         "count": state.count + 1,
         "decay_product": state.decay_product * decay,
-        "last_decay": decay,
+        # traceable state keeps its counters arrays, so a traced step sees no new constants
+        "last_decay": last * 0 + decay if hasattr(last, "shape") else decay,
     }
 
 
 def averages(state: EMAState, shadows: Sequence[Any], backends: Sequence[Backend]) -> list[Any]:
     """Return the reported average of each shadow (debiased where the state says so)."""
-    if not state.zero_debias or state.count == 0:
+    if not state.zero_debias:
+        return list(shadows)
+    if hasattr(state.decay_product, "shape"):  # traceable state: no Python branches on values
+        out = []
+        for s, b in zip(shadows, backends):
+            xp = b.namespace(s)
+            correction = xp.astype(1.0 - state.decay_product, s.dtype)
+            # where every decay so far was 1 (or before any update) report the shadow as is
+            correction = correction + xp.astype(correction == 0, s.dtype)
+            out.append(s / correction)
+        return out
+    if state.count == 0:
         return list(shadows)
     if state.compat == "tensorflow":
         c = coefficient(state.last_decay, state.compat)
@@ -285,6 +298,7 @@ def init(
     compat: str = "default",
     backend: str | Backend | None = None,
     shadow_dtype: Any = None,
+    traceable: bool = False,
 ) -> EMAState:
     """Create the state of an EMA over the pytree ``params``.
 
@@ -302,6 +316,13 @@ def init(
     shadow_dtype : None, "same", or a floating dtype (or its name)
         None (default): float32 shadows for 16-bit float parameters, the parameter's dtype
         otherwise (``compat="tensorflow"``: always the parameter's, as TF).
+    traceable : bool
+        Keep the counters (``count``, ``decay_product``, ``last_decay``) as 0-d arrays on the
+        first leaf's device instead of Python numbers, so that `update` inside
+        ``torch.compile`` or ``jax.jit`` sees new values, not new constants, each step (no
+        recompilation). Decays computed from such a step are arrays and are not
+        range-checked. Not available with ``compat="tensorflow"``, whose float32 decay
+        arithmetic runs in Python.
 
     Returns
     -------
@@ -321,8 +342,27 @@ def init(
     check_floating(leaves, names, backends)
     dtypes = shadow_dtypes(leaves, backends, shadow_dtype, compat)
     shadows = create_shadows(leaves, backends, zeros=zero_debias, dtypes=dtypes)
+    counters: dict[str, Any] = {}
+    if traceable:
+        if compat == "tensorflow":
+            raise ValueError(
+                "traceable=True cannot reproduce TensorFlow: compat='tensorflow' computes the "
+                "decay in float32 in Python; use compat='default'"
+            )
+        if not leaves:
+            raise ValueError("traceable=True needs at least one leaf to place its counters")
+        xp, device = backends[0].namespace(leaves[0]), backends[0].device(leaves[0])
+        wide = xp.float64 if _has_float64(xp) else xp.float32
+        counters = {
+            "count": xp.asarray(0, dtype=xp.int64, device=device),
+            "decay_product": xp.asarray(1.0, dtype=wide, device=device),
+            "last_decay": xp.asarray(1.0, dtype=wide, device=device),
+        }
     return EMAState(
-        _pytree.unflatten(treedef, shadows), zero_debias=bool(zero_debias), compat=compat
+        _pytree.unflatten(treedef, shadows),
+        zero_debias=bool(zero_debias),
+        compat=compat,
+        **counters,
     )
 
 
@@ -412,6 +452,13 @@ def average(state: EMAState) -> Any:
     leaves, treedef = _pytree.flatten(state.shadow)
     names = _pytree.leaf_names(treedef)
     return _pytree.unflatten(treedef, averages(state, leaves, resolve_backends(leaves, names)))
+
+
+def _has_float64(xp: Any) -> bool:
+    try:
+        return "float64" in xp.__array_namespace_info__().dtypes()
+    except Exception:  # a namespace without the inspection API: the standard's float64
+        return True
 
 
 def _structure_diff(expected: Any, got: Any) -> str:

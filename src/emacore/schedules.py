@@ -11,6 +11,7 @@ Each built-in schedule also knows how TensorFlow computes it (``tf_value``), in 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -29,15 +30,16 @@ class Schedule(Protocol):
         ...
 
 
-def check_decay(decay: Any, what: str = "decay") -> float:
+def check_decay(decay: Any, what: str | Callable[[], str] = "decay") -> float:
     """Return ``decay`` as a float, or raise `emacore.errors.DecayError`.
 
     Parameters
     ----------
     decay : float
         The value to check.
-    what : str
-        How to name the value in the error message.
+    what : str or callable
+        How to name the value in the error message (a callable is only called on error, so
+        the common path formats nothing: it stays traceable by ``torch.compile``).
 
     Returns
     -------
@@ -50,14 +52,18 @@ def check_decay(decay: Any, what: str = "decay") -> float:
     0.99
     """
     if isinstance(decay, (str, bytes, bool)):
-        raise DecayError(f"{what} must be a real number in [0, 1], got {decay!r}")
+        raise DecayError(f"{_label(what)} must be a real number in [0, 1], got {decay!r}")
     try:
         value = float(decay)
     except (TypeError, ValueError):
-        raise DecayError(f"{what} must be a real number in [0, 1], got {decay!r}") from None
+        raise DecayError(f"{_label(what)} must be a real number in [0, 1], got {decay!r}") from None
     if math.isnan(value) or not 0.0 <= value <= 1.0:
-        raise DecayError(f"{what} must lie in [0, 1], got {decay!r}")
+        raise DecayError(f"{_label(what)} must lie in [0, 1], got {decay!r}")
     return value
+
+
+def _label(what: str | Callable[[], str]) -> str:
+    return what if isinstance(what, str) else what()
 
 
 def _is_python_number(x: Any) -> bool:
@@ -65,12 +71,13 @@ def _is_python_number(x: Any) -> bool:
 
 
 def _namespace(x: Any) -> Any:
-    """The array namespace of ``x``, or None for a scalar that is not an array."""
-    import array_api_compat  # imported lazily: only array-valued steps need it
+    """The array namespace of ``x`` (from its emacore backend), or None for a plain scalar."""
+    from emacore import _plugins  # lazily: schedules must import without the registry
+    from emacore.errors import UnknownBackendError
 
     try:
-        return array_api_compat.array_namespace(x)
-    except TypeError:
+        return _plugins.get_registry().resolve(x).namespace(x)
+    except UnknownBackendError:
         return None
 
 
@@ -130,7 +137,8 @@ class TFRamp:
             n = float(step)
             return min(self.decay, (1.0 + n) / (10.0 + n))
         n = xp.astype(step, xp.float64 if _has_float64(xp) else xp.float32)
-        return xp.minimum(xp.asarray(self.decay, dtype=n.dtype), (1.0 + n) / (10.0 + n))
+        cap = xp.asarray(self.decay, dtype=n.dtype, device=getattr(n, "device", None))
+        return xp.minimum(cap, (1.0 + n) / (10.0 + n))
 
     def tf_value(self, step: Any) -> float:
         """The decay exactly as TensorFlow computes it: every operation in float32."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import array_api_compat.torch as _xp
 import torch
 
 from emacore._generic import ArrayAPIBackend
@@ -61,9 +62,7 @@ class TorchBackend(ArrayAPIBackend):
 
     def namespace(self, x: Any) -> Any:
         """Return array-api-compat's torch namespace."""
-        import array_api_compat.torch
-
-        return array_api_compat.torch
+        return _xp
 
     def device(self, x: Any) -> Any:
         """Return the tensor's ``torch.device``."""

@@ -239,3 +239,26 @@ def test_float64_shadows_for_float32_parameters(lib: Any) -> None:
         emacore.EMA(0.9, shadow_dtype="float32").apply([lib.make(np.zeros(1, np.float64))])
     with pytest.raises(ValueError, match="shadow_dtype must be"):
         emacore.EMA(0.9, shadow_dtype="float8")
+
+
+@pytest.mark.parametrize("zero_debias", [False, True])
+def test_traceable_counters_give_the_same_numbers(lib: Any, zero_debias: bool) -> None:
+    """Counters kept as 0-d arrays (for jit/compile) compute what Python counters do."""
+    rng = np.random.default_rng(6)
+    values = [rng.standard_normal(3) for _ in range(7)]
+    ramp = emacore.schedules.TFRamp(0.95)
+    plain = F.init({"w": lib.make(values[0])}, zero_debias=zero_debias)
+    traced = F.init({"w": lib.make(values[0])}, zero_debias=zero_debias, traceable=True)
+    assert hasattr(traced.count, "shape")
+    assert hasattr(traced.decay_product, "shape")
+    for v in values:
+        plain = F.update(plain, {"w": lib.make(v)}, ramp)
+        traced = F.update(traced, {"w": lib.make(v)}, ramp)
+    assert int(traced.count) == plain.count == 7
+    assert float(traced.decay_product) == pytest.approx(plain.decay_product, rel=1e-15)
+    got, want = F.average(traced)["w"], F.average(plain)["w"]
+    assert got.dtype == want.dtype
+    assert lib.device_of(got) == lib.device
+    np.testing.assert_allclose(lib.read(got), lib.read(want), rtol=1e-14)
+    with pytest.raises(ValueError, match="traceable=True cannot reproduce TensorFlow"):
+        F.init({"w": lib.make(values[0])}, compat="tensorflow", traceable=True)

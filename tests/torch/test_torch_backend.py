@@ -251,3 +251,40 @@ def test_float32_shadow_of_bfloat16_matches_reference_in_exact_order() -> None:
         c = float(np.float32(1.0) - np.float32(0.9))
         ref = ref - (ref - w.float()) * c
     torch.testing.assert_close(ema.average(w), ref, rtol=0, atol=0)
+
+
+def test_functional_update_inside_torch_compile_without_graph_breaks() -> None:
+    """fullgraph=True fails on any graph break; one graph must serve every step (counters
+    are tensors with traceable=True, so no step recompiles)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    params = dict(model.named_parameters())
+    state = emacore.functional.init(params, traceable=True, zero_debias=True)
+    eager = emacore.functional.init(
+        {k: v.detach().clone() for k, v in params.items()}, zero_debias=True
+    )
+    ramp = emacore.schedules.TFRamp(0.99)
+
+    def apply_step(
+        state: emacore.EMAState, params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor]
+    ) -> emacore.EMAState:
+        with torch.no_grad():
+            for k, p in params.items():
+                p.sub_(0.1 * grads[k])
+        return emacore.functional.update(state, params, ramp, inplace=True)
+
+    compiled = torch.compile(apply_step, fullgraph=True, backend="aot_eager")
+    for _ in range(12):
+        loss = model(torch.randn(8, 4)).pow(2).mean()
+        grads = dict(zip(params, torch.autograd.grad(loss, list(params.values()))))
+        state = compiled(state, params, grads)
+        eager = emacore.functional.update(eager, {k: v.detach() for k, v in params.items()}, ramp)
+    assert counters["stats"]["unique_graphs"] == 1
+    assert int(state.count) == 12
+    got, want = emacore.functional.average(state), emacore.functional.average(eager)
+    for k in got:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=0)
