@@ -222,6 +222,8 @@ class ExponentialMovingAverage:
         self._exclude = _name_filter("exclude", exclude)
         self._copies: dict[str, tuple[Any, Backend]] = {}
         self._stored: list[tuple[Any, Any, Backend]] | None = None
+        self._module_ref: Callable[[], Any] | None = None
+        self._module_names: set[str] | None = None
 
     # -- TF's read-only attributes -------------------------------------------------------
 
@@ -292,7 +294,7 @@ class ExponentialMovingAverage:
                 return
         module = self._module_entries(var_list)
         if module is not None:
-            self._apply_module(module)
+            self._apply_module(var_list, module)
             return
         leaves, treedef = _pytree.flatten(var_list)
         if not leaves:
@@ -368,8 +370,9 @@ class ExponentialMovingAverage:
                 copies.append(x)
         return avg_names, avg, copy_names, copies
 
-    def _apply_module(self, entries: list[tuple[str, Any, str]]) -> None:
+    def _apply_module(self, module: Any, entries: list[tuple[str, Any, str]]) -> None:
         avg_names, avg, copy_names, copies = self._module_roles(entries)
+        self._check_module(module, set(avg_names) | set(copy_names))
         copy_backends = functional.resolve_backends(copies, copy_names, self._backend_name)
         self._check_copies(copy_names, copies, copy_backends)  # before any write
         if avg:
@@ -378,6 +381,25 @@ class ExponentialMovingAverage:
             self._remember(avg_names, avg)
         self._commit_copies(copy_names, copies, copy_backends)
         self._remember(copy_names, copies)
+        self._module_ref = _weak(module)
+        self._module_names = set(avg_names) | set(copy_names)
+
+    def _check_module(self, module: Any, names: set[str]) -> None:
+        """One EMA tracks one model, whose parameters and buffers must not change."""
+        bound = self._module_ref() if self._module_ref is not None else None
+        if bound is not None and bound is not module:
+            raise StructureError(
+                f"this EMA tracks another {type(bound).__qualname__} object; their parameter "
+                "names would collide. Use one EMA per model, or apply their common parent"
+            )
+        if self._module_names is not None and names != self._module_names:
+            missing = sorted(self._module_names - names)
+            new = sorted(names - self._module_names)
+            raise StructureError(
+                f"the module's tracked parameters and buffers changed since the first apply(): "
+                f"missing {missing[:10]}, new {new[:10]}. Create a new EMA for the new model "
+                "(load_state_dict(..., strict=False) carries over the leaves that remain)"
+            )
 
     def _check_copies(self, names: list[str], arrays: list[Any], backends: list[Backend]) -> None:
         old = [i for i, nm in enumerate(names) if nm in self._copies]

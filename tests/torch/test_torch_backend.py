@@ -288,3 +288,17 @@ def test_functional_update_inside_torch_compile_without_graph_breaks() -> None:
     got, want = emacore.functional.average(state), emacore.functional.average(eager)
     for k in got:
         torch.testing.assert_close(got[k], want[k], rtol=0, atol=0)
+
+
+def test_module_parameter_set_change_and_second_module_are_refused() -> None:
+    model = _model()
+    ema = emacore.EMA(0.5)
+    ema.apply(model)
+    before = {k: v.clone() for k, v in ema.average(model).items()}
+    model.add_module("extra", nn.Linear(2, 2))
+    with pytest.raises(emacore.StructureError, match=r"new \['extra.bias', 'extra.weight'\]"):
+        ema.apply(model)
+    for k, v in before.items():
+        torch.testing.assert_close(ema.average(model)[k], v, rtol=0, atol=0)
+    with pytest.raises(emacore.StructureError, match="tracks another Sequential"):
+        ema.apply(_model())
