@@ -122,3 +122,45 @@ def gpu(session: nox.Session) -> None:
     session.install("-e", ".", *TEST_DEPS, TORCH)
     # exit code 5: no test is marked gpu yet (the torch issue adds them)
     session.run("pytest", "-m", "gpu", *session.posargs, success_codes=[0, 5])
+
+
+# The peers of the torch benchmark, at the versions it was written against. Those that require
+# torch (timm also torchvision) are installed without their dependencies so pip never replaces
+# the pinned CPU build; timm's model_ema.py needs nothing else (the script imports it by path
+# when `import timm` fails for want of torchvision). diffusers requires no torch: its light
+# dependencies come with it.
+BENCH_TORCH_PEERS_NO_DEPS = ["timm==1.0.31", "torch-ema==0.3", "ema-pytorch==0.8.3"]
+BENCH_TORCH_PEERS = ["diffusers==0.42.1"]
+
+
+@nox.session(python=PY)
+def bench_torch(session: nox.Session) -> None:
+    """Benchmark the torch backend (CPU) against timm, AveragedModel, torch_ema, ema-pytorch,
+    diffusers, a hand-written _foreach_lerp_ and a flat lerp_ floor; prints a markdown report."""
+    session.install("-e", ".", "numpy>=1.26", TORCH)
+    session.install("--no-deps", *BENCH_TORCH_PEERS_NO_DEPS)
+    session.install(*BENCH_TORCH_PEERS, TORCH)
+    session.run("python", "benchmarks/bench_torch.py", *session.posargs)
+
+
+# The peers' decay sequences in tests/peers were read from these versions' source.
+PEERS = ["torch-ema==0.3", "ema-pytorch==0.8.3", "timm==1.0.31"]
+PEER_DIFFUSERS = "diffusers==0.42.1"
+
+
+@nox.session(python=PY)
+def peers(session: nox.Session) -> None:
+    """Differential tests against AveragedModel, timm, torch_ema, diffusers and ema-pytorch."""
+    session.install("-e", ".", *TEST_DEPS, TORCH)
+    # diffusers' own requirements name no torch; the pin keeps the resolver off it anyway
+    session.install(TORCH, PEER_DIFFUSERS)
+    # --no-deps: they require torch (timm torchvision too), and a resolver free to satisfy that
+    # could replace the local CPU torch with a multi-GB CUDA build. Their EMA code needs only
+    # torch; timm's model_ema.py is loaded by its path where `import timm` fails on torchvision.
+    session.install("--no-deps", *PEERS)
+    session.run(
+        "pytest",
+        "tests/peers",
+        *session.posargs,
+        env={"EMACORE_TEST_PEERS": "1", "EMACORE_TEST_BACKENDS": "torch"},
+    )

@@ -357,11 +357,13 @@ class ExponentialMovingAverage:
         registry = _plugins.get_registry()
         avg_names, avg, copy_names, copies = [], [], [], []
         for name, x, kind in entries:
-            if not self._keep(name):
-                continue
+            if kind == "tied" or not self._keep(name):
+                continue  # a tied weight is tracked under its first name
             role = {"buffer": self._buffers, "frozen": self._frozen}.get(kind, "average")
             if role == "average" and not registry.resolve(x).is_floating(x):
                 role = "copy"  # integer buffers: copied, never averaged or truncated
+            if name in self._where:
+                role = "average"  # averaged once, averaged for good: its history is kept
             if role == "average":
                 avg_names.append(name)
                 avg.append(x)
@@ -379,6 +381,10 @@ class ExponentialMovingAverage:
             backends = functional.resolve_backends(avg, avg_names, self._backend_name)
             self._update(avg_names, avg, backends, False)
             self._remember(avg_names, avg)
+            # a frozen (copied) parameter made trainable is averaged from now on, starting
+            # from its current value, as any new leaf
+            for nm in avg_names:
+                self._copies.pop(nm, None)
         self._commit_copies(copy_names, copies, copy_backends)
         self._remember(copy_names, copies)
         self._module_ref = _weak(module)
@@ -389,8 +395,9 @@ class ExponentialMovingAverage:
         bound = self._module_ref() if self._module_ref is not None else None
         if bound is not None and bound is not module:
             raise StructureError(
-                f"this EMA tracks another {type(bound).__qualname__} object; their parameter "
-                "names would collide. Use one EMA per model, or apply their common parent"
+                f"this EMA tracks a {type(bound).__qualname__} object and was given another "
+                f"object ({type(module).__qualname__}); their parameter names would collide. "
+                "Use one EMA per model, or apply their common parent"
             )
         if self._module_names is not None and names != self._module_names:
             missing = sorted(self._module_names - names)
@@ -643,7 +650,8 @@ class ExponentialMovingAverage:
                     self._positions[names[i]] = i
             else:
                 self._kinds[names[i]] = _NAME
-            self._order.append(names[i])
+            if names[i] not in self._copies:  # a promoted copy keeps its place
+                self._order.append(names[i])
         fresh_leaves = [leaves[i] for i in fresh]
         fresh_backends = [backends[i] for i in fresh]
         shadows = functional.create_shadows(
@@ -773,11 +781,16 @@ class ExponentialMovingAverage:
         """
         kind, names, _, treedef = self._lookup(var)
         if kind == "module":
-            return {nm: a for nm, a in zip(names, self._averages_of(names)) if nm is not None}
+            return dict(zip(treedef, self._averages_of(names)))
         if kind == "leaf":
             return None if names[0] is None else self._averages_of([names[0]])[0]
         self._require_tracked(kind, names, treedef)
-        return _pytree.unflatten(treedef, self._averages_of(names))
+        leaves = _pytree.flatten(var)[0]
+        # leaves the include/exclude filters leave out are returned as they are
+        averages = [
+            self._averages_of([nm])[0] if self._tracked(nm) else x for nm, x in zip(names, leaves)
+        ]
+        return _pytree.unflatten(treedef, averages)
 
     def _tracked(self, name: str | None) -> bool:
         return name is not None and (name in self._where or name in self._copies)
@@ -791,9 +804,16 @@ class ExponentialMovingAverage:
         names: list[Any]
         entries = self._module_entries(var)
         if entries is not None:
-            names = [nm if self._tracked(nm) else None for nm, _, _ in entries]
-            keep = [i for i, nm in enumerate(names) if nm is not None]
-            return "module", [names[i] for i in keep], [entries[i][1] for i in keep], None
+            # by name; then by object, for a submodule of the applied model or a tied weight
+            names = [nm if self._tracked(nm) else self._name_of(x) for nm, x, _ in entries]
+            keep = [i for i, nm in enumerate(names) if self._tracked(nm)]
+            if entries and not keep:
+                raise KeyError(
+                    f"no moving average for any parameter or buffer of this "
+                    f"{type(var).__qualname__}; apply() it (or a model containing it) first"
+                )
+            keys = [entries[i][0] for i in keep]  # the container's own names
+            return "module", [names[i] for i in keep], [entries[i][1] for i in keep], keys
         leaves, treedef = _pytree.flatten(var)
         if treedef == _pytree.LEAF:
             return "leaf", [self._name_of(var)], leaves, treedef
@@ -813,11 +833,18 @@ class ExponentialMovingAverage:
         ]
         return "tree", names, leaves, treedef
 
+    def _excluded(self, kind: str, treedef: Any) -> list[bool]:
+        """Which leaves of a named container the include/exclude filters leave out."""
+        if kind != "tree" or (self._include is None and self._exclude is None):
+            return []
+        return [not self._keep(path) for path in _pytree.leaf_names(treedef)]
+
     def _require_tracked(self, kind: str, names: Sequence[Any], treedef: Any) -> None:
+        excluded = self._excluded(kind, treedef)
         missing = [
             str(i if kind == "flat" else _pytree.leaf_names(treedef)[i])
             for i, nm in enumerate(names)
-            if not self._tracked(nm)
+            if not self._tracked(nm) and not (excluded and excluded[i])
         ]
         if missing:
             raise KeyError(
@@ -866,6 +893,8 @@ class ExponentialMovingAverage:
                 raise KeyError(f"{type(var_list).__qualname__} object is not tracked by this EMA")
         elif kind != "module":
             self._require_tracked(kind, names, treedef)
+            keep = [i for i, nm in enumerate(names) if self._tracked(nm)]  # minus excluded
+            names, leaves = [names[i] for i in keep], [leaves[i] for i in keep]
         backends = functional.resolve_backends(leaves, names, self._backend_name)
         pairs = []
         for nm, live, avg, backend in zip(names, leaves, self._averages_of(names), backends):

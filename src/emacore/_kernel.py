@@ -1,10 +1,11 @@
 """The reference update, written once against the array API standard.
 
 ``shadow ← shadow − (shadow − value) · c`` with ``c = 1 − decay``: TensorFlow's
-``assign_moving_average`` in this exact order of operations, so the portable kernel and every
-backend's fused override give TF's numbers, rounding included. Backends that fuse (numpy's
-cache-blocked loop, torch's ``_foreach``) must compute these three operations in this order;
-the conformance suite checks them against this function bit for bit.
+``assign_moving_average`` in this exact order of operations. A backend's fast path asked for
+``exact=True`` (``compat="tensorflow"``) computes these three operations in this order (numpy's
+cache-blocked loop always does; torch's ``_foreach`` calls do in that mode), so it gives TF's
+numbers bit for bit; with ``exact=False`` a backend may use a one-pass form (torch's
+``lerp``) that rounds differently in the last place.
 """
 
 from __future__ import annotations

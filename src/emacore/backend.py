@@ -112,8 +112,9 @@ class Backend(Protocol):
         """Return the arrays of a framework container (a ``torch.nn.Module``), or None.
 
         Each entry is ``(name, array, kind)`` with kind ``"param"`` (trainable), ``"frozen"``
-        (a parameter that does not require grad) or ``"buffer"``. ``None`` means ``obj`` is
-        not a container this backend knows.
+        (a parameter that does not require grad), ``"buffer"``, or ``"tied"`` (an array
+        listed before under another name, e.g. tied embeddings: tracked once, reported under
+        both names). ``None`` means ``obj`` is not a container this backend knows.
         """
         ...
 

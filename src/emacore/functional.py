@@ -319,7 +319,7 @@ def init(
     traceable : bool
         Keep the counters (``count``, ``decay_product``, ``last_decay``) as 0-d arrays on the
         first leaf's device instead of Python numbers, so that `update` inside
-        ``torch.compile`` or ``jax.jit`` sees new values, not new constants, each step (no
+        ``torch.compile(fullgraph=True)`` sees new values, not new constants, each step (no
         recompilation). Decays computed from such a step are arrays and are not
         range-checked. Not available with ``compat="tensorflow"``, whose float32 decay
         arithmetic runs in Python.
@@ -358,6 +358,9 @@ def init(
             "decay_product": xp.asarray(1.0, dtype=wide, device=device),
             "last_decay": xp.asarray(1.0, dtype=wide, device=device),
         }
+        # resolve the shadows' type now, so a traced update finds the registry's cache as
+        # it will stay (a cache that grows under torch.compile is a recompile)
+        resolve_backends(shadows, names, backend)
     return EMAState(
         _pytree.unflatten(treedef, shadows),
         zero_debias=bool(zero_debias),

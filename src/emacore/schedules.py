@@ -25,7 +25,7 @@ __all__ = ["Constant", "Schedule", "TFRamp", "as_schedule", "check_decay"]
 class Schedule(Protocol):
     """A decay schedule: ``decay = schedule(step)``, with ``0 <= decay <= 1``."""
 
-    def __call__(self, step: Any) -> Any:
+    def __call__(self, step: Any, /) -> Any:
         """Return the decay to use for the update made at ``step``."""
         ...
 

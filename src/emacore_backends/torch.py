@@ -135,19 +135,21 @@ class TorchBackend(ArrayAPIBackend):
         if not isinstance(obj, torch.nn.Module):
             return None
         # the order of module.state_dict(): each module's parameters, then its buffers;
-        # a tensor shared by two modules is tracked once, under its first name
+        # a tensor shared by two modules (tied weights) is tracked under its first name and
+        # listed again as "tied" under the others, so average(model) has every state_dict key
         out: list[tuple[str, Any, str]] = []
         seen: set[int] = set()
-        for prefix, module in obj.named_modules():
+        for prefix, module in obj.named_modules(remove_duplicate=False):
             dot = f"{prefix}." if prefix else ""
             for name, p in module._parameters.items():
-                if p is not None and id(p) not in seen:
+                if p is not None:
+                    kind = "param" if p.requires_grad else "frozen"
+                    out.append((dot + name, p, "tied" if id(p) in seen else kind))
                     seen.add(id(p))
-                    out.append((dot + name, p, "param" if p.requires_grad else "frozen"))
             for name, b in module._buffers.items():
-                if b is not None and id(b) not in seen:
+                if b is not None and name not in module._non_persistent_buffers_set:
+                    out.append((dot + name, b, "tied" if id(b) in seen else "buffer"))
                     seen.add(id(b))
-                    out.append((dot + name, b, "buffer"))
         return out
 
 

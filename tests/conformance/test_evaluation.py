@@ -127,3 +127,18 @@ def test_immutable_arrays_refuse_in_place_evaluation() -> None:
             _ImmutableStrict().assign(params["w"], params["w"])
     finally:
         emacore.reset_registry()
+
+
+def test_excluded_leaves_pass_through_average_and_swapped(lib: Any) -> None:
+    params = {"w": lib.make(np.zeros(2)), "frozen": lib.make(np.full(2, 7.0))}
+    ema = emacore.EMA(0.5, exclude="frozen")
+    ema.apply(params)
+    lib.set_value(params["w"], np.full(2, 4.0))
+    ema.apply(params)
+    avg = ema.average(params)
+    assert avg["frozen"] is params["frozen"]  # not tracked: returned as it is
+    np.testing.assert_array_equal(lib.read(avg["w"]), np.full(2, 2.0))
+    with ema.swapped(params):
+        np.testing.assert_array_equal(lib.read(params["w"]), np.full(2, 2.0))
+        np.testing.assert_array_equal(lib.read(params["frozen"]), np.full(2, 7.0))
+    np.testing.assert_array_equal(lib.read(params["w"]), np.full(2, 4.0))

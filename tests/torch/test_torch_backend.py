@@ -300,5 +300,53 @@ def test_module_parameter_set_change_and_second_module_are_refused() -> None:
         ema.apply(model)
     for k, v in before.items():
         torch.testing.assert_close(ema.average(model)[k], v, rtol=0, atol=0)
-    with pytest.raises(emacore.StructureError, match="tracks another Sequential"):
+    with pytest.raises(
+        emacore.StructureError,
+        match=r"tracks a Sequential object and was given another object \(Sequential\)",
+    ):
         ema.apply(_model())
+
+
+def test_unfreezing_a_copied_parameter_starts_averaging_it() -> None:
+    """Gradual unfreezing: a frozen parameter is copied; once trainable it is averaged from
+    its current value on, and state_dict/average report the average, not a stale copy."""
+    model = nn.Linear(3, 2)
+    model.weight.requires_grad_(False)
+    ema = emacore.EMA(0.5)
+    ema.apply(model)
+    assert "weight" in ema.state_dict()["copies"]
+    model.weight.requires_grad_(True)
+    ema.apply(model)  # now averaged, starting from the current value
+    with torch.no_grad():
+        model.weight.add_(2.0)
+    ema.apply(model)
+    sd = ema.state_dict()
+    assert "weight" in sd["leaves"]
+    assert "weight" not in sd["copies"]
+    torch.testing.assert_close(ema.average(model)["weight"], model.weight.detach() - 1.0)
+    model.weight.requires_grad_(False)  # freezing again keeps the history
+    ema.apply(model)
+    torch.testing.assert_close(ema.average(model)["weight"], model.weight.detach() - 0.5)
+
+
+def test_tied_weights_and_submodules() -> None:
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(5, 3)
+            self.head = nn.Linear(3, 5, bias=False)
+            self.head.weight = self.embed.weight
+
+    model = Tied()
+    ema = emacore.EMA(0.5)
+    ema.apply(model)
+    assert list(ema.state_dict()["leaves"]) == ["embed.weight"]  # tracked once
+    avg = ema.average(model)
+    assert set(avg) == set(model.state_dict())  # every key, so load_state_dict works
+    assert avg["head.weight"] is avg["embed.weight"]
+    fresh = Tied()
+    fresh.load_state_dict(avg)
+    sub = ema.average(model.head)  # a submodule: found by its tensors
+    assert list(sub) == ["weight"]
+    with pytest.raises(KeyError, match="no moving average for any parameter"):
+        ema.average(nn.Linear(2, 2))
