@@ -122,6 +122,12 @@ class ExponentialMovingAverage:
         decay 0.999 never moves), and the parameter's dtype otherwise; with
         ``compat="tensorflow"`` always the parameter's, as TF does. ``"same"``: the
         parameter's. A dtype: that one for every leaf (it must hold the parameter exactly).
+    exact : bool, optional
+        Compute every update in the reference order ``s - (s - x) * (1 - d)``, so all
+        backends (and TF's kernel, torch_ema's and diffusers' per-tensor paths) give the same
+        bits. Default: only with ``compat="tensorflow"``; otherwise a backend may use a
+        faster one-pass form (torch's fused ``lerp``) that rounds differently in the last
+        place. numpy and the portable backend always compute in the reference order.
     buffers : {"copy", "average", "skip"}
         What ``apply(module)`` does with a module's floating buffers (BatchNorm's running
         statistics): copy their current value into the averaged model (the default, as
@@ -164,6 +170,7 @@ class ExponentialMovingAverage:
         compat: str = "default",
         backend: str | None = None,
         shadow_dtype: Any = None,
+        exact: bool | None = None,
         buffers: str = "copy",
         frozen: str = "copy",
         include: str | Sequence[str] | Callable[[str], bool] | None = None,
@@ -218,6 +225,9 @@ class ExponentialMovingAverage:
                 f"{shadow_dtype!r}"
             )
         self._shadow_dtype = shadow_dtype
+        if exact is not None and not isinstance(exact, bool):
+            raise TypeError(f"exact must be None, True or False, got {exact!r}")
+        self._exact = compat == "tensorflow" if exact is None else exact
         self._include = _name_filter("include", include)
         self._exclude = _name_filter("exclude", exclude)
         self._copies: dict[str, tuple[Any, Backend]] = {}
@@ -555,7 +565,7 @@ class ExponentialMovingAverage:
         for g, (_, idx), d in zip(groups, parts, decays):
             params = [leaves[i] for i in idx] if len(parts) > 1 else leaves
             c = coefficient(d, self._compat)
-            exact = self._compat == "tensorflow"
+            exact = self._exact
             try:
                 if g.single is not None:
                     new = g.single.update(g.state.shadow, params, c, inplace=True, exact=exact)

@@ -377,6 +377,7 @@ def update(
     step: Any = None,
     inplace: bool = False,
     backend: str | Backend | None = None,
+    exact: bool | None = None,
 ) -> EMAState:
     """Return the state after one update: ``shadow ← shadow − (shadow − param)·(1 − d)``.
 
@@ -395,6 +396,10 @@ def update(
         then shares them. Default False: inputs are not modified.
     backend : str or Backend, optional
         Force a backend instead of resolving it from the arrays' type.
+    exact : bool, optional
+        Use the reference operation order ``s - (s - x) * (1 - d)`` on every backend (same
+        bits everywhere). Default: only with ``compat="tensorflow"``; otherwise a backend may
+        use a one-pass form (torch's ``lerp``) that rounds differently in the last place.
 
     Returns
     -------
@@ -434,7 +439,7 @@ def update(
         s_backends,
         coefficient(d, state.compat),
         inplace=inplace,
-        exact=state.compat == "tensorflow",
+        exact=state.compat == "tensorflow" if exact is None else exact,
     )
     return state.replace(shadow=_pytree.unflatten(s_def, new), **advance(state, d))
 

@@ -262,3 +262,23 @@ def test_traceable_counters_give_the_same_numbers(lib: Any, zero_debias: bool) -
     np.testing.assert_allclose(lib.read(got), lib.read(want), rtol=1e-14)
     with pytest.raises(ValueError, match="traceable=True cannot reproduce TensorFlow"):
         F.init({"w": lib.make(values[0])}, compat="tensorflow", traceable=True)
+
+
+def test_exact_option_gives_the_reference_bits_in_default_mode(lib: Any) -> None:
+    """exact=True: s - (s - x) * c with c = 1 - d in float64 cast to the leaf dtype, the
+    numbers numpy computes, on every backend (torch otherwise fuses a lerp)."""
+    rng = np.random.default_rng(8)
+    start = rng.standard_normal(257).astype(np.float32)
+    values = [rng.standard_normal(257).astype(np.float32) for _ in range(5)]
+    w = lib.make(start)
+    ema = emacore.EMA(emacore.schedules.TFRamp(0.6), exact=True)
+    ema.apply([w])
+    ref = start.copy()
+    for k, v in enumerate(values, start=1):
+        lib.set_value(w, v)
+        ema.apply([w])
+        c = np.float32(1.0 - min(0.6, (1 + k) / (10 + k)))
+        ref = ref - (ref - v) * c
+    np.testing.assert_array_equal(lib.read(ema.average(w)), ref)
+    with pytest.raises(TypeError, match="exact must be"):
+        emacore.EMA(0.9, exact="yes")  # type: ignore[arg-type]
