@@ -2,14 +2,18 @@
 
 Design invariants:
 
-* Updates run under ``torch.no_grad()`` on detached parameters, in place, so shadows never
-  join the autograd graph and no memory is allocated per step in the default mode.
-* One fused multi-tensor call per (device, dtype) group: ``torch._foreach_lerp_`` (one pass
-  over memory) by default; with ``exact=True`` (``compat="tensorflow"``) the reference
-  kernel's three operations in its order, as ``_foreach`` calls, so the numbers are TF's bit
-  for bit (that mode allocates its temporaries, as does a float32 shadow of a bfloat16
-  parameter, whose difference is formed in float32).
-* The (device, dtype) grouping of a list of shadows is computed once and kept on the list.
+* Updates run under ``torch.no_grad()``, in place, so shadows never join the autograd graph
+  and no memory is allocated per step in the default mode.
+* Shadows are grouped by (device, dtype). In a group, the shadows of small tensors live in one
+  flat buffer: their parameters are gathered with one ``torch.cat`` (through 1-d views cached
+  while the parameters keep their storage) and updated with one ``lerp_``, so thousands of
+  small tensors cost one kernel, not thousands. Large tensors get one fused
+  ``torch._foreach_lerp_`` per group.
+* ``exact=True`` (``compat="tensorflow"`` or ``exact=True``) runs the reference kernel's three
+  operations in its order instead of ``lerp``, so the numbers are numpy's and TF's bit for bit
+  (with temporaries, as has a float32 shadow of a bfloat16 parameter).
+* Every check happens before the first write (``Capabilities.self_checking``).
+* Under ``torch.compile`` the plain ``_foreach`` path runs: it has nothing to cache.
 """
 
 from __future__ import annotations
@@ -26,16 +30,78 @@ from emacore.backend import Capabilities
 
 __all__ = ["BACKEND", "TorchBackend"]
 
+# Tensors with fewer elements than this share their group's flat buffer.
+SMALL = 65_536
+LAYOUTS = ("auto", "flat", "separate")
 
-class _Grouping:
-    """Indices of a shadow list by (device, dtype), so each group is one fused call."""
 
-    def __init__(self, shadows: Sequence[Any]) -> None:
-        groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+class _Group:
+    """Shadows of one (device, dtype): a flat buffer for the small ones, the rest apart."""
+
+    def __init__(
+        self, device: torch.device, dtype: torch.dtype, small: list[int], large: list[int]
+    ) -> None:
+        self.device, self.dtype = device, dtype
+        self.small, self.large = small, large
+        self.members = small + large
+        self.flat: torch.Tensor | None = None  # the small shadows, contiguous
+        self.scratch: torch.Tensor | None = None  # gathered parameters, made on first use
+        self.views: list[torch.Tensor] | None = None  # 1-d views of the small parameters
+        self.param_ids: list[int] = []
+        self.param_ptrs: list[int] = []
+
+    def gather_views(self, shadows: Sequence[Any], params: Sequence[Any]) -> list[torch.Tensor]:
+        """1-d views of the small parameters, checked and cached while their storage stays."""
+        small = [params[i] for i in self.small]
+        if (
+            self.views is not None
+            and list(map(id, small)) == self.param_ids
+            and list(map(torch.Tensor.data_ptr, small)) == self.param_ptrs
+        ):
+            return self.views  # the same tensors on the same storage: checked before
+        for i, p in zip(self.small, small):
+            _check_pair(i, shadows[i], p, self)
+        views = [p.detach().reshape(-1) for p in small]
+        # a non-contiguous parameter gives a copy, not a view: gather it afresh every step
+        cacheable = all(v.data_ptr() == p.data_ptr() for v, p in zip(views, small))
+        self.views = views if cacheable else None
+        self.param_ids = list(map(id, small))
+        self.param_ptrs = list(map(torch.Tensor.data_ptr, small))
+        return views
+
+
+class _Layout:
+    """How a ShadowList's tensors are laid out: the backend's notes, kept on the list."""
+
+    def __init__(self, groups: list[_Group], size: int) -> None:
+        self.groups = groups
+        self.size = size
+
+    @staticmethod
+    def loose(shadows: Sequence[Any]) -> _Layout:
+        keys: dict[tuple[torch.device, torch.dtype], list[int]] = {}
         for i, s in enumerate(shadows):
-            groups.setdefault((s.device, s.dtype), []).append(i)
-        self.groups = list(groups.values())
-        self.size = len(shadows)
+            keys.setdefault((s.device, s.dtype), []).append(i)
+        groups = [_Group(dev, dt, [], idx) for (dev, dt), idx in keys.items()]
+        return _Layout(groups, len(shadows))
+
+
+def _check_pair(i: int, shadow: torch.Tensor, p: Any, group: _Group) -> None:
+    if p.shape != shadow.shape:
+        raise ValueError(
+            f"parameter #{i} has shape {tuple(p.shape)}, its shadow {tuple(shadow.shape)}"
+        )
+    if p.device != group.device:
+        raise ValueError(f"parameter #{i} is on {p.device}, its shadow on {group.device}")
+    if p.dtype != group.dtype and not _widens(p.dtype, group.dtype):
+        raise TypeError(f"parameter #{i} is {p.dtype}, too wide for its {group.dtype} shadow")
+
+
+def _widens(param: torch.dtype, shadow: torch.dtype) -> bool:
+    if not (param.is_floating_point and shadow.is_floating_point):
+        return False
+    p, s = torch.finfo(param), torch.finfo(shadow)
+    return bool(p.bits <= s.bits and p.eps >= s.eps and p.max <= s.max)
 
 
 class TorchBackend(ArrayAPIBackend):
@@ -53,7 +119,9 @@ class TorchBackend(ArrayAPIBackend):
     def __init__(self) -> None:
         super().__init__(
             "torch",
-            Capabilities(mutable_arrays=True, inplace_update=True, fused_update=True),
+            Capabilities(
+                mutable_arrays=True, inplace_update=True, fused_update=True, self_checking=True
+            ),
         )
 
     def owns(self, x: Any) -> bool:
@@ -72,51 +140,129 @@ class TorchBackend(ArrayAPIBackend):
         """Return True for floating tensors (bfloat16 and float16 included)."""
         return bool(x.is_floating_point())
 
-    def create_shadows(self, params: Sequence[Any], *, zeros: bool) -> list[Any]:
-        """Return detached copies (or zeros) on each parameter's device."""
+    def create_shadows(
+        self, params: Sequence[Any], *, zeros: bool, layout: str = "auto"
+    ) -> list[Any]:
+        """Return detached copies (or zeros) on each parameter's device.
+
+        ``layout``: ``"auto"`` packs tensors under 65,536 elements into one flat buffer per
+        (device, dtype); ``"flat"`` packs every tensor; ``"separate"`` none.
+        """
+        if layout not in LAYOUTS:
+            raise ValueError(f"torch backend: layout must be one of {LAYOUTS}, got {layout!r}")
+        limit = {"auto": SMALL, "flat": float("inf"), "separate": 0}[layout]
+        out = ShadowList([None] * len(params))
+        keys: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        for i, p in enumerate(params):
+            keys.setdefault((p.device, p.dtype), []).append(i)
+        groups = []
         with torch.no_grad():
-            out = ShadowList(
-                torch.zeros_like(p, memory_format=torch.contiguous_format)
-                if zeros
-                else p.detach().clone(memory_format=torch.contiguous_format)
-                for p in params
-            )
-        out.backend_data = _Grouping(out)
+            for (device, dtype), idx in keys.items():
+                small = [i for i in idx if params[i].numel() < limit]
+                large = [i for i in idx if params[i].numel() >= limit]
+                group = _Group(device, dtype, small, large)
+                if small:
+                    total = sum(params[i].numel() for i in small)
+                    group.flat = torch.empty(total, device=device, dtype=dtype)
+                    offset = 0
+                    for i in small:
+                        n = params[i].numel()
+                        view = group.flat[offset : offset + n].view(params[i].shape)
+                        view.zero_() if zeros else view.copy_(params[i])
+                        out[i] = view
+                        offset += n
+                for i in large:
+                    p = params[i]
+                    out[i] = (
+                        torch.zeros_like(p, memory_format=torch.contiguous_format)
+                        if zeros
+                        else p.detach().clone(memory_format=torch.contiguous_format)
+                    )
+                groups.append(group)
+        out.backend_data = _Layout(groups, len(params))
         return out
 
     def update(
         self,
         shadows: Sequence[Any],
         params: Sequence[Any],
-        c: float,
+        c: Any,
         *,
         inplace: bool,
         exact: bool = True,
     ) -> list[Any]:
-        """Update every shadow toward its parameter: one fused call per (device, dtype)."""
+        """Update every shadow toward its parameter; every check before the first write."""
         with torch.no_grad():
             if not inplace:
-                shadows = self.create_shadows(shadows, zeros=False)
-            grouping = getattr(shadows, "backend_data", None)
-            if not isinstance(grouping, _Grouping) or grouping.size != len(shadows):
-                grouping = _Grouping(shadows)
-            single = len(grouping.groups) == 1
-            for idx in grouping.groups:
-                # under no_grad, reading parameters that require grad records nothing
-                s_list = list(shadows) if single else [shadows[i] for i in idx]
-                p_list = list(params) if single else [params[i] for i in idx]
-                dtype = s_list[0].dtype
-                mixed = any(p.dtype != dtype for p in p_list)  # bf16 params, f32 shadows
-                if exact:
-                    delta = torch._foreach_sub(s_list, p_list)
-                    torch._foreach_mul_(delta, c)
-                    torch._foreach_sub_(s_list, delta)
-                elif mixed:
-                    # _foreach_lerp_ wants one dtype; s - c * (s - p) promotes p exactly
-                    torch._foreach_sub_(s_list, torch._foreach_sub(s_list, p_list), alpha=c)
-                else:
-                    torch._foreach_lerp_(s_list, p_list, c)
+                shadows = self._copy(shadows)
+            layout = getattr(shadows, "backend_data", None)
+            if not isinstance(layout, _Layout) or layout.size != len(shadows):
+                layout = _Layout.loose(shadows)
+            if torch.compiler.is_compiling():
+                self._traced(layout, shadows, params, c, exact)
+                return list(shadows)
+            plans = [self._prepare(g, shadows, params) for g in layout.groups]
+            for group, plan in zip(layout.groups, plans):
+                self._run(group, plan, c, exact)
         return shadows if isinstance(shadows, list) else list(shadows)
+
+    def _copy(self, shadows: Sequence[Any]) -> list[Any]:
+        """New shadows with the same values and layout (for a functional update)."""
+        layout = getattr(shadows, "backend_data", None)
+        packed = isinstance(layout, _Layout) and any(g.flat is not None for g in layout.groups)
+        return self.create_shadows(
+            list(shadows), zeros=False, layout="auto" if packed else "separate"
+        )
+
+    def _prepare(
+        self, group: _Group, shadows: Sequence[Any], params: Sequence[Any]
+    ) -> tuple[list[torch.Tensor] | None, list[Any], list[Any], bool]:
+        """Check a group's parameters (raising before any write); return what to run.
+
+        Returns the 1-d views of the small parameters to gather (None: nothing to gather),
+        and the shadows and parameters for the ``_foreach`` call, and whether dtypes mix.
+        """
+        members = group.large
+        views = None
+        if group.small:
+            if {params[i].dtype for i in group.small} == {group.dtype}:
+                views = group.gather_views(shadows, params)
+            else:  # bf16 parameters into float32 shadows: no packed gather
+                members = group.large + group.small
+        s_list = [shadows[i] for i in members]
+        p_list = [params[i] for i in members]
+        for i, p in zip(members, p_list):
+            _check_pair(i, shadows[i], p, group)
+        return views, s_list, p_list, any(p.dtype != group.dtype for p in p_list)
+
+    def _run(
+        self,
+        group: _Group,
+        plan: tuple[list[torch.Tensor] | None, list[Any], list[Any], bool],
+        c: Any,
+        exact: bool,
+    ) -> None:
+        views, s_list, p_list, mixed = plan
+        if views is not None:
+            assert group.flat is not None
+            if group.scratch is None:
+                group.scratch = torch.empty_like(group.flat)
+            torch.cat(views, out=group.scratch)
+            if exact:
+                torch.sub(group.flat, group.scratch, out=group.scratch)
+                group.scratch.mul_(c)
+                group.flat.sub_(group.scratch)
+            else:
+                group.flat.lerp_(group.scratch, c)
+        _foreach_update(s_list, p_list, c, exact, mixed)
+
+    def _traced(
+        self, layout: _Layout, shadows: Sequence[Any], params: Sequence[Any], c: Any, exact: bool
+    ) -> None:
+        for group in layout.groups:
+            s_list = [shadows[i] for i in group.members]
+            p_list = [params[i] for i in group.members]
+            _foreach_update(s_list, p_list, c, exact, any(p.dtype != group.dtype for p in p_list))
 
     def check_writable(self, shadows: Sequence[Any], names: Sequence[str]) -> None:
         """Shadows are ours and plain tensors: always writable."""
@@ -151,6 +297,20 @@ class TorchBackend(ArrayAPIBackend):
                     out.append((dot + name, b, "tied" if id(b) in seen else "buffer"))
                     seen.add(id(b))
         return out
+
+
+def _foreach_update(s_list: list[Any], p_list: list[Any], c: Any, exact: bool, mixed: bool) -> None:
+    if not s_list:
+        return
+    if exact:
+        delta = torch._foreach_sub(s_list, p_list)
+        torch._foreach_mul_(delta, c)
+        torch._foreach_sub_(s_list, delta)
+    elif mixed:
+        # _foreach_lerp_ wants one dtype; s - c * (s - p) promotes p exactly
+        torch._foreach_sub_(s_list, torch._foreach_sub(s_list, p_list), alpha=c)
+    else:
+        torch._foreach_lerp_(s_list, p_list, c)
 
 
 BACKEND = TorchBackend()

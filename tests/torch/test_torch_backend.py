@@ -158,6 +158,8 @@ def test_no_autograd_graph_and_in_place() -> None:
 
 
 def test_one_fused_call_per_device_dtype_group(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Large tensors: one _foreach_lerp_ per (device, dtype). Small ones: packed into a flat
+    buffer per group and updated by one lerp_, with no _foreach call at all."""
     calls: list[int] = []
     real = torch._foreach_lerp_
 
@@ -166,12 +168,63 @@ def test_one_fused_call_per_device_dtype_group(monkeypatch: pytest.MonkeyPatch) 
         real(selfs, others, w)
 
     monkeypatch.setattr(torch, "_foreach_lerp_", counting)
-    params = [torch.randn(3), torch.randn(4, dtype=torch.float64), torch.randn(5)]
+    big = 70_000  # above the packing threshold
+    params = [
+        torch.randn(big),
+        torch.randn(big, dtype=torch.float64),
+        torch.randn(big),
+        torch.randn(3),
+        torch.randn(4, 5),
+    ]
     ema = emacore.EMA(0.5)
     ema.apply(params)
+    start = [ema.average(p).clone() for p in params]
+    for p in params:
+        p.add_(1.0)
     calls.clear()
     ema.apply(params)
     assert sorted(calls) == [1, 2]
+    small_shadows = [ema.average(p) for p in params[3:]]
+    assert small_shadows[0].untyped_storage().data_ptr() == (
+        small_shadows[1].untyped_storage().data_ptr()
+    )  # one buffer
+    for p, s0 in zip(params, start):
+        torch.testing.assert_close(ema.average(p), torch.lerp(s0, p, 0.5))
+
+
+def test_packed_views_follow_a_parameter_whose_storage_changes() -> None:
+    """The gather caches 1-d views of small parameters; `p.data = ...` must not leave them
+    reading the old storage."""
+    params = [nn.Parameter(torch.zeros(4)) for _ in range(3)]
+    ema = emacore.EMA(0.5)
+    ema.apply(params)
+    ema.apply(params)
+    params[1].data = torch.full((4,), 8.0)  # new storage, same Parameter object
+    ema.apply(params)
+    torch.testing.assert_close(ema.average(params[1]), torch.full((4,), 4.0))
+    params[2].data = torch.zeros(5)  # a wrong shape behind the same object
+    before = [ema.average(p).clone() for p in params[:2]]
+    with pytest.raises(emacore.LeafMismatchError, match=r"shape \(5,\)"):
+        ema.apply(params)
+    for p, b in zip(params[:2], before):
+        torch.testing.assert_close(ema.average(p), b, rtol=0, atol=0)
+
+
+def test_layouts_agree() -> None:
+    torch.manual_seed(4)
+    params = [torch.randn(n) for n in (5, 70_000, 17, 3)]
+    results = []
+    for layout in ("auto", "flat", "separate"):
+        backend = emacore.get_backend("torch")
+        shadows = backend.create_shadows([p.clone() for p in params], zeros=False, layout=layout)
+        new = [torch.randn_like(p) for p in params] if not results else results[-1][1]
+        backend.update(shadows, new, 0.25, inplace=True, exact=True)
+        results.append(([s.clone() for s in shadows], new))
+    for shadows, _ in results[1:]:
+        for a, b in zip(shadows, results[0][0]):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="layout must be one of"):
+        emacore.get_backend("torch").create_shadows(params, zeros=False, layout="packed")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
