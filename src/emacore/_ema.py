@@ -233,6 +233,7 @@ class ExponentialMovingAverage:
         self._copies: dict[str, tuple[Any, Backend]] = {}
         self._stored: list[tuple[Any, Any, Backend]] | None = None
         self._module_ref: Callable[[], Any] | None = None
+        self._module_cache: tuple[Any, ...] | None = None
         self._module_names: set[str] | None = None
 
     # -- TF's read-only attributes -------------------------------------------------------
@@ -383,14 +384,35 @@ class ExponentialMovingAverage:
         return avg_names, avg, copy_names, copies
 
     def _apply_module(self, module: Any, entries: list[tuple[str, Any, str]]) -> None:
+        # The training loop's case: the same tensors (same roles) as the last step. Then the
+        # roles, names and group are known and the backend's own pre-write checks suffice;
+        # the cache is cleared with the id cache (a tracked array died, groups changed).
+        fingerprint = (
+            id(module),
+            tuple([id(x) for _, x, _ in entries]),
+            tuple([kind for _, _, kind in entries]),
+        )
+        cached = self._module_cache
+        if cached is not None and cached[0] == fingerprint:
+            # indices, not tensors: the cache must not keep a deleted model's tensors alive
+            _, avg_idx, group, copy_idx, copy_names, copy_backends = cached
+            copies = [entries[i][1] for i in copy_idx]
+            self._check_copies(copy_names, copies, copy_backends)
+            if group is not None:
+                avg = [entries[i][1] for i in avg_idx]
+                self._update(group.names, avg, group.backends, False, group=group)
+            self._commit_copies(copy_names, copies, copy_backends)
+            return
         avg_names, avg, copy_names, copies = self._module_roles(entries)
         self._check_module(module, set(avg_names) | set(copy_names))
         copy_backends = functional.resolve_backends(copies, copy_names, self._backend_name)
         self._check_copies(copy_names, copies, copy_backends)  # before any write
+        group = None
         if avg:
             backends = functional.resolve_backends(avg, avg_names, self._backend_name)
             self._update(avg_names, avg, backends, False)
             self._remember(avg_names, avg)
+            group = self._groups.get(tuple(avg_names))
             # a frozen (copied) parameter made trainable is averaged from now on, starting
             # from its current value, as any new leaf
             for nm in avg_names:
@@ -399,6 +421,16 @@ class ExponentialMovingAverage:
         self._remember(copy_names, copies)
         self._module_ref = _weak(module)
         self._module_names = set(avg_names) | set(copy_names)
+        if group is not None or not avg:
+            position = {id(x): i for i, (_, x, kind) in enumerate(entries) if kind != "tied"}
+            self._module_cache = (
+                fingerprint,
+                [position[id(x)] for x in avg],
+                group,
+                [position[id(x)] for x in copies],
+                copy_names,
+                copy_backends,
+            )
 
     def _check_module(self, module: Any, names: set[str]) -> None:
         """One EMA tracks one model, whose parameters and buffers must not change."""
@@ -698,6 +730,7 @@ class ExponentialMovingAverage:
                 del self._by_id[oid]
                 self._orphans.add(name)
             self._fast.clear()
+            self._module_cache = None
 
         try:
             self._refs[name] = weakref.ref(x, forget)
@@ -706,6 +739,7 @@ class ExponentialMovingAverage:
 
     def _add_group(self, group: _Group) -> None:
         self._fast.clear()
+        self._module_cache = None
         self._groups[group.names] = group
         for nm in group.names:
             self._where[nm] = group
@@ -1165,6 +1199,7 @@ class ExponentialMovingAverage:
         kept = {nm: old_where[nm] for nm in missing if nm in old_where}
         self._groups, self._where = {}, {}
         self._fast.clear()
+        self._module_cache = None
         for g in {id(g): g for g in kept.values()}.values():
             idx = [i for i, nm in enumerate(g.names) if nm in missing]
             self._add_group(

@@ -49,16 +49,32 @@ class _Group:
         self.views: list[torch.Tensor] | None = None  # 1-d views of the small parameters
         self.param_ids: list[int] = []
         self.param_ptrs: list[int] = []
+        self.small_is_all = small == list(range(len(small)))
 
-    def gather_views(self, shadows: Sequence[Any], params: Sequence[Any]) -> list[torch.Tensor]:
-        """1-d views of the small parameters, checked and cached while their storage stays."""
-        small = [params[i] for i in self.small]
+    def small_params(self, params: Sequence[Any]) -> Sequence[Any]:
+        if self.small_is_all and len(params) == len(self.small):
+            return params
+        return [params[i] for i in self.small]
+
+    def cached_views(self, params: Sequence[Any]) -> list[torch.Tensor] | None:
+        """The cached views, if the small parameters are the same tensors on the same storage.
+
+        Then nothing about them can have changed since they were checked: a tensor's dtype,
+        device and shape change only with its storage (``p.data = ...``).
+        """
+        if self.views is None:
+            return None
+        small = self.small_params(params)
         if (
-            self.views is not None
-            and list(map(id, small)) == self.param_ids
+            list(map(id, small)) == self.param_ids
             and list(map(torch.Tensor.data_ptr, small)) == self.param_ptrs
         ):
-            return self.views  # the same tensors on the same storage: checked before
+            return self.views
+        return None
+
+    def gather_views(self, shadows: Sequence[Any], params: Sequence[Any]) -> list[torch.Tensor]:
+        """Check the small parameters and return (and cache) their 1-d views."""
+        small = self.small_params(params)
         for i, p in zip(self.small, small):
             _check_pair(i, shadows[i], p, self)
         views = [p.detach().reshape(-1) for p in small]
@@ -223,8 +239,8 @@ class TorchBackend(ArrayAPIBackend):
         and the shadows and parameters for the ``_foreach`` call, and whether dtypes mix.
         """
         members = group.large
-        views = None
-        if group.small:
+        views = group.cached_views(params) if group.small else None
+        if group.small and views is None:
             if {params[i].dtype for i in group.small} == {group.dtype}:
                 views = group.gather_views(shadows, params)
             else:  # bf16 parameters into float32 shadows: no packed gather
@@ -284,18 +300,32 @@ class TorchBackend(ArrayAPIBackend):
         # a tensor shared by two modules (tied weights) is tracked under its first name and
         # listed again as "tied" under the others, so average(model) has every state_dict key
         out: list[tuple[str, Any, str]] = []
-        seen: set[int] = set()
         for prefix, module in obj.named_modules(remove_duplicate=False):
             dot = f"{prefix}." if prefix else ""
-            for name, p in module._parameters.items():
-                if p is not None:
-                    kind = "param" if p.requires_grad else "frozen"
-                    out.append((dot + name, p, "tied" if id(p) in seen else kind))
-                    seen.add(id(p))
-            for name, b in module._buffers.items():
-                if b is not None and name not in module._non_persistent_buffers_set:
-                    out.append((dot + name, b, "tied" if id(b) in seen else "buffer"))
-                    seen.add(id(b))
+            if module._parameters:
+                out.extend(
+                    [
+                        (dot + name, p, "param" if p.requires_grad else "frozen")
+                        for name, p in module._parameters.items()
+                        if p is not None
+                    ]
+                )
+            if module._buffers:
+                skip = module._non_persistent_buffers_set
+                out.extend(
+                    [
+                        (dot + name, b, "buffer")
+                        for name, b in module._buffers.items()
+                        if b is not None and name not in skip
+                    ]
+                )
+        ids = [id(x) for _, x, _ in out]
+        if len(set(ids)) != len(ids):
+            seen: set[int] = set()
+            for i, oid in enumerate(ids):
+                if oid in seen:
+                    out[i] = (out[i][0], out[i][1], "tied")
+                seen.add(oid)
         return out
 
 
