@@ -128,6 +128,12 @@ class ExponentialMovingAverage:
         bits. Default: only with ``compat="tensorflow"``; otherwise a backend may use a
         faster one-pass form (torch's fused ``lerp``) that rounds differently in the last
         place. numpy and the portable backend always compute in the reference order.
+    layout : {"auto", "flat", "separate"}
+        How shadows are laid out in memory: ``"flat"`` packs them into one buffer per dtype
+        and device, so thousands of small tensors update in one kernel; ``"separate"``
+        allocates each. ``"auto"`` (default) lets the backend choose (numpy and torch pack
+        tensors under 65,536 elements). The portable backend only has ``"separate"`` and
+        raises ``ValueError`` for ``"flat"``.
     buffers : {"copy", "average", "skip"}
         What ``apply(module)`` does with a module's floating buffers (BatchNorm's running
         statistics): copy their current value into the averaged model (the default, as
@@ -171,6 +177,7 @@ class ExponentialMovingAverage:
         backend: str | None = None,
         shadow_dtype: Any = None,
         exact: bool | None = None,
+        layout: str = "auto",
         buffers: str = "copy",
         frozen: str = "copy",
         include: str | Sequence[str] | Callable[[str], bool] | None = None,
@@ -228,6 +235,9 @@ class ExponentialMovingAverage:
         if exact is not None and not isinstance(exact, bool):
             raise TypeError(f"exact must be None, True or False, got {exact!r}")
         self._exact = compat == "tensorflow" if exact is None else exact
+        if layout not in ("auto", "flat", "separate"):
+            raise ValueError(f"layout must be 'auto', 'flat' or 'separate', got {layout!r}")
+        self._layout = layout
         self._include = _name_filter("include", include)
         self._exclude = _name_filter("exclude", exclude)
         self._copies: dict[str, tuple[Any, Backend]] = {}
@@ -703,6 +713,7 @@ class ExponentialMovingAverage:
             dtypes=functional.shadow_dtypes(
                 fresh_leaves, fresh_backends, self._shadow_dtype, self._compat
             ),
+            layout=self._layout,
         )
         fresh_names = tuple(names[i] for i in fresh)
         group = _Group(

@@ -65,8 +65,15 @@ class ArrayAPIBackend:
         """Return True if ``x`` has a real floating dtype."""
         return bool(self.namespace(x).isdtype(x.dtype, "real floating"))
 
-    def create_shadows(self, params: Sequence[Any], *, zeros: bool) -> list[Any]:
-        """Return detached copies (or zeros) of ``params`` on their own devices."""
+    def create_shadows(
+        self, params: Sequence[Any], *, zeros: bool, layout: str = "auto"
+    ) -> list[Any]:
+        """Return detached copies (or zeros) of ``params`` on their own devices (separately)."""
+        if layout not in ("auto", "separate"):
+            raise ValueError(
+                f"backend {self.name!r} has no {layout!r} layout: it keeps each shadow "
+                "separate (layout='auto' or 'separate')"
+            )
         out = []
         for p in params:
             xp = self.namespace(p)

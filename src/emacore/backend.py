@@ -69,8 +69,16 @@ class Backend(Protocol):
         """Return True if ``x`` has a real floating dtype."""
         ...
 
-    def create_shadows(self, params: Sequence[Any], *, zeros: bool) -> list[Any]:
-        """Return new shadows: detached copies of ``params`` (or zeros), on their devices."""
+    def create_shadows(
+        self, params: Sequence[Any], *, zeros: bool, layout: str = "auto"
+    ) -> list[Any]:
+        """Return new shadows: detached copies of ``params`` (or zeros), on their devices.
+
+        ``layout`` is ``"auto"`` (the backend chooses), ``"flat"`` (pack the shadows in one
+        buffer per dtype and device, so many small tensors cost one kernel) or
+        ``"separate"`` (one allocation per shadow). A backend that cannot honour a layout
+        raises ``ValueError`` naming itself and the layout.
+        """
         ...
 
     def update(

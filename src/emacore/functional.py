@@ -185,6 +185,7 @@ def create_shadows(
     *,
     zeros: bool,
     dtypes: Sequence[Any] | None = None,
+    layout: str = "auto",
 ) -> list[Any]:
     """Create shadows for ``params``, one backend call per backend (so it can pack them).
 
@@ -198,15 +199,28 @@ def create_shadows(
             for p, dt, b in zip(params, dtypes, backends)
         ]
     if backends and backends.count(backends[0]) == len(backends):
-        made: list[Any] = backends[0].create_shadows(list(params), zeros=zeros)
+        made: list[Any] = _create(backends[0], list(params), zeros, layout)
         return made
     out: list[Any] = [None] * len(params)
     for backend in dict.fromkeys(backends):
         idx = [i for i, b in enumerate(backends) if b is backend]
-        made = backend.create_shadows([params[i] for i in idx], zeros=zeros)
+        made = _create(backend, [params[i] for i in idx], zeros, layout)
         for i, s in zip(idx, made):
             out[i] = s
     return out
+
+
+def _create(backend: Backend, params: list[Any], zeros: bool, layout: str) -> list[Any]:
+    if layout == "auto":  # plugins written before layouts existed keep working
+        made: list[Any] = backend.create_shadows(params, zeros=zeros)
+        return made
+    try:
+        made = backend.create_shadows(params, zeros=zeros, layout=layout)
+    except TypeError as exc:
+        raise ValueError(
+            f"backend {backend.name!r} does not support layout={layout!r} ({exc})"
+        ) from None
+    return made
 
 
 def check_writable(
@@ -299,6 +313,7 @@ def init(
     backend: str | Backend | None = None,
     shadow_dtype: Any = None,
     traceable: bool = False,
+    layout: str = "auto",
 ) -> EMAState:
     """Create the state of an EMA over the pytree ``params``.
 
@@ -316,6 +331,11 @@ def init(
     shadow_dtype : None, "same", or a floating dtype (or its name)
         None (default): float32 shadows for 16-bit float parameters, the parameter's dtype
         otherwise (``compat="tensorflow"``: always the parameter's, as TF).
+    layout : {"auto", "flat", "separate"}
+        How the backend lays the shadows out: ``"flat"`` packs them in one buffer per
+        dtype and device (many small tensors then cost one kernel per step), ``"separate"``
+        allocates each; ``"auto"`` lets the backend choose (numpy and torch pack small
+        tensors). A backend that cannot honour a layout raises ``ValueError``.
     traceable : bool
         Keep the counters (``count``, ``decay_product``, ``last_decay``) as 0-d arrays on the
         first leaf's device instead of Python numbers, so that `update` inside
@@ -341,7 +361,7 @@ def init(
     backends = resolve_backends(leaves, names, backend)
     check_floating(leaves, names, backends)
     dtypes = shadow_dtypes(leaves, backends, shadow_dtype, compat)
-    shadows = create_shadows(leaves, backends, zeros=zero_debias, dtypes=dtypes)
+    shadows = create_shadows(leaves, backends, zeros=zero_debias, dtypes=dtypes, layout=layout)
     counters: dict[str, Any] = {}
     if traceable:
         if compat == "tensorflow":

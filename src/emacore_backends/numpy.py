@@ -114,8 +114,23 @@ class NumpyBackend(ArrayAPIBackend):
         """Return True for real floating dtypes (float16/32/64, longdouble)."""
         return bool(x.dtype.kind == "f")
 
-    def create_shadows(self, params: Sequence[Any], *, zeros: bool) -> list[Any]:
-        """Return shadows as C-contiguous views into one buffer per dtype."""
+    def create_shadows(
+        self, params: Sequence[Any], *, zeros: bool, layout: str = "auto"
+    ) -> list[Any]:
+        """Return shadows as C-contiguous views into one buffer per dtype.
+
+        ``layout="separate"`` gives each shadow its own array instead (``"auto"`` and
+        ``"flat"`` pack; the update gathers only runs of small tensors either way).
+        """
+        if layout not in ("auto", "flat", "separate"):
+            raise ValueError(
+                f"numpy backend: layout must be 'auto', 'flat' or 'separate', got {layout!r}"
+            )
+        if layout == "separate":
+            return [
+                np.zeros(np.shape(p), dtype=p.dtype) if zeros else np.array(p, copy=True)
+                for p in params
+            ]
         out = ShadowList([None] * len(params))
         by_dtype: dict[np.dtype[Any], list[int]] = {}
         for i, p in enumerate(params):

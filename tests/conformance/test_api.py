@@ -282,3 +282,25 @@ def test_exact_option_gives_the_reference_bits_in_default_mode(lib: Any) -> None
     np.testing.assert_array_equal(lib.read(ema.average(w)), ref)
     with pytest.raises(TypeError, match="exact must be"):
         emacore.EMA(0.9, exact="yes")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("layout", ["auto", "flat", "separate"])
+def test_layouts_give_the_same_numbers(lib: Any, layout: str) -> None:
+    rng = np.random.default_rng(9)
+    shapes = [(3,), (70_000,), (4, 5), ()]
+    start = [rng.standard_normal(s) for s in shapes]
+    new = [rng.standard_normal(s) for s in shapes]
+    if lib.backend == "array_api" and layout == "flat":
+        with pytest.raises(ValueError, match="backend 'array_api' has no 'flat' layout"):
+            emacore.EMA(0.5, layout=layout).apply([lib.make(v) for v in start])
+        return
+    params = [lib.make(v) for v in start]
+    ema = emacore.EMA(0.75, layout=layout, exact=True)
+    ema.apply(params)
+    for p, v in zip(params, new):
+        lib.set_value(p, v)
+    ema.apply(params)
+    for p, s0, v in zip(params, start, new):
+        np.testing.assert_array_equal(lib.read(ema.average(p)), s0 - (s0 - v) * 0.25)
+    with pytest.raises(ValueError, match="layout must be"):
+        emacore.EMA(0.5, layout="packed")
