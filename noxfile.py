@@ -1,4 +1,4 @@
-"""Automation: ``nox -s tests`` is what CI runs (see README and .ci/run)."""
+"""Automation: plain ``nox`` (the default sessions) is what CI runs (see README and .ci/run)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import subprocess
 import nox
 
 nox.options.default_venv_backend = "venv"
-nox.options.sessions = ["tests", "lint", "typecheck", "docs"]
+# `nox` with no arguments is the test command (README, .ci/run)
+nox.options.sessions = ["tests", "peers", "lint", "typecheck", "docs"]
 nox.options.error_on_missing_interpreters = True
 
 PY = "3.11"  # torch==2.13.0 (the CPU build on this machine's disk) exists for 3.11 only
