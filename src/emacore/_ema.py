@@ -134,6 +134,11 @@ class ExponentialMovingAverage:
         allocates each. ``"auto"`` (default) lets the backend choose (numpy and torch pack
         tensors under 65,536 elements). The portable backend only has ``"separate"`` and
         raises ``ValueError`` for ``"flat"``.
+    device : optional
+        Keep every shadow on this device instead of its parameter's: ``device="cpu"`` offloads
+        the shadows of GPU parameters to host memory (pinned, for torch), and every update
+        first copies the parameters there. None (default): each shadow lives with its
+        parameter. A backend without that device raises ``ValueError`` naming itself.
     buffers : {"copy", "average", "skip"}
         What ``apply(module)`` does with a module's floating buffers (BatchNorm's running
         statistics): copy their current value into the averaged model (the default, as
@@ -178,6 +183,7 @@ class ExponentialMovingAverage:
         shadow_dtype: Any = None,
         exact: bool | None = None,
         layout: str = "auto",
+        device: Any = None,
         buffers: str = "copy",
         frozen: str = "copy",
         include: str | Sequence[str] | Callable[[str], bool] | None = None,
@@ -238,6 +244,7 @@ class ExponentialMovingAverage:
         if layout not in ("auto", "flat", "separate"):
             raise ValueError(f"layout must be 'auto', 'flat' or 'separate', got {layout!r}")
         self._layout = layout
+        self._device = device
         self._include = _name_filter("include", include)
         self._exclude = _name_filter("exclude", exclude)
         self._copies: dict[str, tuple[Any, Backend]] = {}
@@ -475,6 +482,7 @@ class ExponentialMovingAverage:
                 [arrays[i] for i in old],
                 [self._copies[names[i]][1] for i in old],
                 [backends[i] for i in old],
+                check_devices=self._device is None,
             )
 
     def _commit_copies(self, names: list[str], arrays: list[Any], backends: list[Backend]) -> None:
@@ -483,7 +491,8 @@ class ExponentialMovingAverage:
             if rec is not None and b.capabilities.mutable_arrays:
                 b.assign(rec[0], x)
                 continue
-            self._copies[nm] = (b.create_shadows([x], zeros=False)[0], b)
+            made = functional.create_shadows([x], [b], zeros=False, device=self._device)
+            self._copies[nm] = (made[0], b)
             if rec is None:
                 self._kinds[nm] = _NAME
                 self._order.append(nm)
@@ -553,6 +562,7 @@ class ExponentialMovingAverage:
                     group.backends,
                     backends,
                     shadow_specs=group.specs,
+                    check_devices=self._device is None,
                 )
         else:
             # a known group's names are distinct, so only here can a list repeat an array
@@ -582,6 +592,7 @@ class ExponentialMovingAverage:
                     [leaves[i] for i in old_idx],
                     [b for _, b in pairs],
                     [backends[i] for i in old_idx],
+                    check_devices=self._device is None,
                 )
         decays = []
         for part_group, _ in parts:
@@ -606,6 +617,8 @@ class ExponentialMovingAverage:
             groups = [group]
         for g, (_, idx), d in zip(groups, parts, decays):
             params = [leaves[i] for i in idx] if len(parts) > 1 else leaves
+            if self._device is not None:  # offloaded shadows: bring the parameters over
+                params = functional.on_device(params, g.backends, self._device)
             c = coefficient(d, self._compat)
             exact = self._exact
             try:
@@ -714,6 +727,7 @@ class ExponentialMovingAverage:
                 fresh_leaves, fresh_backends, self._shadow_dtype, self._compat
             ),
             layout=self._layout,
+            device=self._device,
         )
         fresh_names = tuple(names[i] for i in fresh)
         group = _Group(

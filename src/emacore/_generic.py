@@ -103,6 +103,19 @@ class ArrayAPIBackend:
     def check_writable(self, shadows: Sequence[Any], names: Sequence[str]) -> None:
         """Nothing to check: the generic backend never writes in place."""
 
+    def to_device(self, x: Any, device: Any) -> Any:
+        """Return ``x`` on ``device`` (through the array API's ``to_device``)."""
+        import array_api_compat
+
+        if array_api_compat.device(x) == device:
+            return x
+        try:
+            return array_api_compat.to_device(x, device)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(
+                f"backend {self.name!r} cannot move arrays to {device!r}: {exc}"
+            ) from exc
+
     def assign(self, dst: Any, src: Any) -> None:
         """Write ``src`` into ``dst`` with ``dst[...] = src``; refused for immutable arrays."""
         if not self.capabilities.mutable_arrays:
@@ -111,7 +124,7 @@ class ArrayAPIBackend:
                 "written into them in place (copy_to, swapped, store/restore); use "
                 "ema.average(params) and pass the averages on instead"
             )
-        dst[...] = src
+        dst[...] = self.to_device(src, self.device(dst))
 
     def named_leaves(self, obj: Any) -> list[tuple[str, Any, str]] | None:
         """The generic backend knows no framework containers."""

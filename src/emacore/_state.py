@@ -27,6 +27,9 @@ class EMAState:
         Shadows start at zero and averages are divided by the bias correction.
     compat : {"default", "tensorflow"}
         ``"tensorflow"`` reproduces TF 2's float32 decay arithmetic and its debias formula.
+    device : optional
+        Where the shadows live when offloaded (``init(..., device=...)``); None: on each
+        parameter's own device.
     """
 
     shadow: Any
@@ -35,6 +38,7 @@ class EMAState:
     last_decay: float = 1.0
     zero_debias: bool = False
     compat: str = "default"
+    device: Any = None
 
     def replace(self, **changes: Any) -> EMAState:
         """Return a copy with ``changes`` applied."""

@@ -109,6 +109,14 @@ class Backend(Protocol):
         """Return ``x`` as something ``numpy.asarray`` accepts (for checkpoints and tests)."""
         ...
 
+    def to_device(self, x: Any, device: Any) -> Any:
+        """Return ``x`` on ``device`` (``x`` itself when it is there already).
+
+        Used for offloaded shadows (``device=``): raises ``ValueError`` naming the backend
+        for a device it does not have.
+        """
+        ...
+
     def assign(self, dst: Any, src: Any) -> None:
         """Write ``src`` into the array ``dst`` in place (for ``copy_to``, ``swapped``, copies).
 

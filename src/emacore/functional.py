@@ -82,6 +82,7 @@ def check_pairs(
     param_backends: Sequence[Backend],
     *,
     shadow_specs: list[tuple[Any, Any]] | None = None,
+    check_devices: bool = True,
 ) -> None:
     """Raise `LeafMismatchError` if a parameter does not match its shadow.
 
@@ -112,7 +113,7 @@ def check_pairs(
                     "(a parameter may only be narrower than its shadow, e.g. bfloat16 "
                     "into a float32 shadow)"
                 )
-    for backend in dict.fromkeys(shadow_backends):
+    for backend in dict.fromkeys(shadow_backends) if check_devices else ():
         if backend.capabilities.one_device:
             continue
         for i, b in enumerate(shadow_backends):
@@ -186,6 +187,7 @@ def create_shadows(
     zeros: bool,
     dtypes: Sequence[Any] | None = None,
     layout: str = "auto",
+    device: Any = None,
 ) -> list[Any]:
     """Create shadows for ``params``, one backend call per backend (so it can pack them).
 
@@ -193,6 +195,8 @@ def create_shadows(
     single backend its list is returned as is: it may carry the backend's notes on how it
     laid the shadows out (see `emacore._pytree.ShadowList`).
     """
+    if device is not None:
+        params = [b.to_device(p, device) for p, b in zip(params, backends)]
     if dtypes is not None and any(dt is not None for dt in dtypes):
         params = [
             p if dt is None else b.namespace(p).astype(p, dt)
@@ -208,6 +212,13 @@ def create_shadows(
         for i, s in zip(idx, made):
             out[i] = s
     return out
+
+
+def on_device(params: Sequence[Any], backends: Sequence[Backend], device: Any) -> list[Any]:
+    """The parameters moved to the (offloaded) shadows' device; as they are for None."""
+    if device is None:
+        return list(params)
+    return [b.to_device(p, device) for p, b in zip(params, backends)]
 
 
 def _create(backend: Backend, params: list[Any], zeros: bool, layout: str) -> list[Any]:
@@ -314,6 +325,7 @@ def init(
     shadow_dtype: Any = None,
     traceable: bool = False,
     layout: str = "auto",
+    device: Any = None,
 ) -> EMAState:
     """Create the state of an EMA over the pytree ``params``.
 
@@ -331,6 +343,9 @@ def init(
     shadow_dtype : None, "same", or a floating dtype (or its name)
         None (default): float32 shadows for 16-bit float parameters, the parameter's dtype
         otherwise (``compat="tensorflow"``: always the parameter's, as TF).
+    device : optional
+        Keep the shadows on this device (e.g. ``"cpu"`` for GPU parameters: offload) instead
+        of each parameter's; every update then copies the parameters there first.
     layout : {"auto", "flat", "separate"}
         How the backend lays the shadows out: ``"flat"`` packs them in one buffer per
         dtype and device (many small tensors then cost one kernel per step), ``"separate"``
@@ -361,7 +376,9 @@ def init(
     backends = resolve_backends(leaves, names, backend)
     check_floating(leaves, names, backends)
     dtypes = shadow_dtypes(leaves, backends, shadow_dtype, compat)
-    shadows = create_shadows(leaves, backends, zeros=zero_debias, dtypes=dtypes, layout=layout)
+    shadows = create_shadows(
+        leaves, backends, zeros=zero_debias, dtypes=dtypes, layout=layout, device=device
+    )
     counters: dict[str, Any] = {}
     if traceable:
         if compat == "tensorflow":
@@ -371,12 +388,12 @@ def init(
             )
         if not leaves:
             raise ValueError("traceable=True needs at least one leaf to place its counters")
-        xp, device = backends[0].namespace(leaves[0]), backends[0].device(leaves[0])
+        xp, where = backends[0].namespace(shadows[0]), backends[0].device(shadows[0])
         wide = xp.float64 if _has_float64(xp) else xp.float32
         counters = {
-            "count": xp.asarray(0, dtype=xp.int64, device=device),
-            "decay_product": xp.asarray(1.0, dtype=wide, device=device),
-            "last_decay": xp.asarray(1.0, dtype=wide, device=device),
+            "count": xp.asarray(0, dtype=xp.int64, device=where),
+            "decay_product": xp.asarray(1.0, dtype=wide, device=where),
+            "last_decay": xp.asarray(1.0, dtype=wide, device=where),
         }
         # resolve the shadows' type now, so a traced update finds the registry's cache as
         # it will stay (a cache that grows under torch.compile is a recompile)
@@ -385,6 +402,7 @@ def init(
         _pytree.unflatten(treedef, shadows),
         zero_debias=bool(zero_debias),
         compat=compat,
+        device=device,
         **counters,
     )
 
@@ -450,7 +468,10 @@ def update(
     d = step_decay(decay, state.count if step is None else step, state.compat)
     s_backends = resolve_backends(s_leaves, names, backend)
     p_backends = resolve_backends(p_leaves, names, backend)
-    check_pairs(names, s_leaves, p_leaves, s_backends, p_backends)
+    check_pairs(
+        names, s_leaves, p_leaves, s_backends, p_backends, check_devices=state.device is None
+    )
+    p_leaves = on_device(p_leaves, s_backends, state.device)
     if inplace:
         check_writable(s_leaves, names, s_backends)
     new = apply_update(

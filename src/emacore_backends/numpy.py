@@ -171,6 +171,12 @@ class NumpyBackend(ArrayAPIBackend):
         """Return ``x``: numpy arrays are already on the host."""
         return x
 
+    def to_device(self, x: Any, device: Any) -> Any:
+        """Numpy has one device, ``"cpu"``."""
+        if device != "cpu":
+            raise ValueError(f"numpy backend: arrays live on 'cpu' only, not {device!r}")
+        return x
+
     def assign(self, dst: Any, src: Any) -> None:
         """Write ``src`` into ``dst`` in place."""
         if not dst.flags.writeable:

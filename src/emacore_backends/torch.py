@@ -287,6 +287,17 @@ class TorchBackend(ArrayAPIBackend):
         """Return a detached CPU tensor numpy can read."""
         return x.detach().cpu()
 
+    def to_device(self, x: Any, device: Any) -> Any:
+        """Return ``x`` detached on ``device``; host copies of CUDA tensors are pinned."""
+        target = torch.device(device)
+        if x.device == target:
+            return x
+        with torch.no_grad():
+            if target.type == "cpu" and x.device.type == "cuda":
+                out = torch.empty(x.shape, dtype=x.dtype, device="cpu", pin_memory=True)
+                return out.copy_(x.detach())
+            return x.detach().to(target)
+
     def assign(self, dst: Any, src: Any) -> None:
         """Copy ``src`` into ``dst`` in place (outside autograd), across devices if needed."""
         with torch.no_grad():

@@ -142,3 +142,37 @@ def test_excluded_leaves_pass_through_average_and_swapped(lib: Any) -> None:
         np.testing.assert_array_equal(lib.read(params["w"]), np.full(2, 2.0))
         np.testing.assert_array_equal(lib.read(params["frozen"]), np.full(2, 7.0))
     np.testing.assert_array_equal(lib.read(params["w"]), np.full(2, 4.0))
+
+
+def test_offloaded_shadows_live_on_the_chosen_device() -> None:
+    """device=: shadows elsewhere than their parameters (array-api-strict has several
+    devices); updates bring the parameters over, swapped() writes back across devices."""
+    import array_api_strict as xp
+
+    here, there = xp.Device("device1"), xp.Device("device2")
+    params = {"w": xp.asarray([0.0, 0.0], dtype=xp.float64, device=here)}
+    ema = emacore.EMA(0.5, device=there)
+    ema.apply(params)
+    params["w"][...] = xp.asarray([4.0, 4.0], dtype=xp.float64, device=here)
+    ema.apply(params)
+    avg = ema.average(params)["w"]
+    assert avg.device == there
+    assert params["w"].device == here
+    np.testing.assert_array_equal(np.asarray(avg.to_device(xp.Device("CPU_DEVICE"))), [2.0, 2.0])
+    with ema.swapped(params):
+        assert params["w"].device == here
+        np.testing.assert_array_equal(
+            np.asarray(params["w"].to_device(xp.Device("CPU_DEVICE"))), [2.0, 2.0]
+        )
+    state = emacore.functional.init(params, device=there)
+    state = emacore.functional.update(state, params, 0.5)
+    assert state.shadow["w"].device == there
+
+
+def test_offload_to_a_device_the_backend_lacks_names_it() -> None:
+    with pytest.raises(ValueError, match="numpy backend: arrays live on 'cpu' only"):
+        emacore.EMA(0.5, device="cuda").apply([np.zeros(2)])
+    ema = emacore.EMA(0.5, device="cpu")
+    w = np.ones(2)
+    ema.apply([w])
+    np.testing.assert_array_equal(ema.average(w), [1.0, 1.0])

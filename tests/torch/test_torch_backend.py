@@ -32,17 +32,18 @@ def _model() -> nn.Module:
 def _train(model: nn.Module, ema: emacore.EMA, steps: int = 6) -> list[dict[str, np.ndarray]]:
     """SGD steps; returns the float64 value of every parameter/buffer after each step."""
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    device = next(model.parameters()).device
     seen = []
     ema.apply(model)
-    seen.append({k: v.detach().double().numpy().copy() for k, v in model.state_dict().items()})
+    seen.append({k: v.detach().double().cpu().numpy() for k, v in model.state_dict().items()})
     for _ in range(steps):
-        x = torch.randn(16, 4)
+        x = torch.randn(16, 4, device=device)
         loss = model(x).pow(2).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
         ema.apply(model)
-        seen.append({k: v.detach().double().numpy().copy() for k, v in model.state_dict().items()})
+        seen.append({k: v.detach().double().cpu().numpy() for k, v in model.state_dict().items()})
     return seen
 
 
@@ -403,3 +404,28 @@ def test_tied_weights_and_submodules() -> None:
     assert list(sub) == ["weight"]
     with pytest.raises(KeyError, match="no moving average for any parameter"):
         ema.average(nn.Linear(2, 2))
+
+
+def test_cpu_offload_option_on_cpu_parameters() -> None:
+    model = _model()
+    ema = emacore.EMA(0.8, device="cpu")
+    seen = _train(model, ema, steps=3)
+    for name, _ in model.named_parameters():
+        np.testing.assert_allclose(
+            ema.average(model)[name].double().numpy(), _ref(seen, name, 0.8), rtol=1e-5
+        )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_cuda_parameters_offloaded_to_pinned_host_memory() -> None:
+    model = _model().cuda()
+    ema = emacore.EMA(0.8, device="cpu")
+    seen = _train(model, ema, steps=3)
+    avg = ema.average(model)
+    assert all(v.device.type == "cpu" for v in avg.values())
+    assert avg["0.weight"].is_pinned()
+    for name, _ in model.named_parameters():
+        np.testing.assert_allclose(avg[name].double().numpy(), _ref(seen, name, 0.8), rtol=1e-5)
+    with torch.no_grad(), ema.swapped(model):
+        torch.testing.assert_close(model[0].weight.cpu(), avg["0.weight"])
