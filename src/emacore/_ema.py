@@ -994,20 +994,28 @@ class ExponentialMovingAverage:
         for live, avg, backend in self._live_pairs(var_list):
             backend.assign(live, avg)
 
-    def store(self, var_list: Any) -> None:
-        """Save copies of the current (live) values of ``var_list`` for `restore`."""
-        pairs = self._live_pairs(var_list)
-        self._stored = [
+    @staticmethod
+    def _snapshot(pairs: list[tuple[Any, Any, Backend]]) -> list[tuple[Any, Any, Backend]]:
+        """(live array, a copy of its current value, backend) for each pair."""
+        return [
             (live, backend.create_shadows([live], zeros=False)[0], backend)
             for live, _, backend in pairs
         ]
+
+    @staticmethod
+    def _write_back(saved: list[tuple[Any, Any, Backend]]) -> None:
+        for live, value, backend in saved:
+            backend.assign(live, value)
+
+    def store(self, var_list: Any) -> None:
+        """Save copies of the current (live) values of ``var_list`` for `restore`."""
+        self._stored = self._snapshot(self._live_pairs(var_list))
 
     def restore(self) -> None:
         """Write back the values saved by the last `store`, and forget them."""
         if self._stored is None:
             raise EMAError("restore() called without a matching store()")
-        for live, saved, backend in self._stored:
-            backend.assign(live, saved)
+        self._write_back(self._stored)
         self._stored = None
 
     @contextlib.contextmanager
@@ -1029,14 +1037,13 @@ class ExponentialMovingAverage:
         array([4., 4.])
         """
         pairs = self._live_pairs(var_list)
-        saved = [backend.create_shadows([live], zeros=False)[0] for live, _, backend in pairs]
+        saved = self._snapshot(pairs)
         try:
             for live, avg, backend in pairs:
                 backend.assign(live, avg)
             yield var_list
         finally:
-            for (live, _, backend), value in zip(pairs, saved):
-                backend.assign(live, value)
+            self._write_back(saved)
 
     def variables_to_restore(self) -> dict[str, Any]:
         """Map each average's name to the live object it shadows (for restoring averages).
