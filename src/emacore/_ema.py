@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from emacore import _plugins, _pytree, functional
+from emacore import _engine, _plugins, _pytree
 from emacore._debias import COMPAT_MODES, coefficient
 from emacore._state import EMAState
 from emacore.backend import Backend
@@ -212,7 +212,7 @@ class ExponentialMovingAverage:
         self._compat = compat
         self._backend_name = backend
         if backend is not None:
-            functional.resolve_backends([], [], backend)  # fails now on an unknown name
+            _engine.resolve_backends([], [], backend)  # fails now on an unknown name
         self._groups: dict[tuple[str, ...], _Group] = {}
         self._where: dict[str, _Group] = {}
         self._kinds: dict[str, str] = {}
@@ -331,7 +331,7 @@ class ExponentialMovingAverage:
             treedef[0] in ("list", "tuple") and treedef[1] == (_pytree.LEAF,) * len(leaves)
         )
         forced_names = [f"#{i}" for i in range(len(leaves))] if self._backend_name else []
-        backends = functional.resolve_backends(leaves, forced_names, self._backend_name)
+        backends = _engine.resolve_backends(leaves, forced_names, self._backend_name)
         all_mutable = backends.count(backends[0]) == len(backends) and bool(
             backends[0].capabilities.mutable_arrays
         )
@@ -422,11 +422,11 @@ class ExponentialMovingAverage:
             return
         avg_names, avg, copy_names, copies = self._module_roles(entries)
         self._check_module(module, set(avg_names) | set(copy_names))
-        copy_backends = functional.resolve_backends(copies, copy_names, self._backend_name)
+        copy_backends = _engine.resolve_backends(copies, copy_names, self._backend_name)
         self._check_copies(copy_names, copies, copy_backends)  # before any write
         group = None
         if avg:
-            backends = functional.resolve_backends(avg, avg_names, self._backend_name)
+            backends = _engine.resolve_backends(avg, avg_names, self._backend_name)
             self._update(avg_names, avg, backends, False)
             self._remember(avg_names, avg)
             group = self._groups.get(tuple(avg_names))
@@ -476,7 +476,7 @@ class ExponentialMovingAverage:
                 "dtype or the buffers/frozen policy changed)"
             )
         if old:
-            functional.check_pairs(
+            _engine.check_pairs(
                 [names[i] for i in old],
                 [self._copies[names[i]][0] for i in old],
                 [arrays[i] for i in old],
@@ -491,7 +491,7 @@ class ExponentialMovingAverage:
             if rec is not None and b.capabilities.mutable_arrays:
                 b.assign(rec[0], x)
                 continue
-            made = functional.create_shadows([x], [b], zeros=False, device=self._device)
+            made = _engine.create_shadows([x], [b], zeros=False, device=self._device)
             self._copies[nm] = (made[0], b)
             if rec is None:
                 self._kinds[nm] = _NAME
@@ -555,7 +555,7 @@ class ExponentialMovingAverage:
             # backend re-checks them before writing (and the core names the leaf if it refuses)
             trusted = fast and group.self_checking
             if not trusted:
-                functional.check_pairs(
+                _engine.check_pairs(
                     group.names,
                     group.state.shadow,
                     leaves,
@@ -580,13 +580,13 @@ class ExponentialMovingAverage:
             new_idx = [i for i in new_idx if i not in pending]
             parts = self._partition(names)
             new_names = [self._display(names[i], i) for i in new_idx]
-            functional.check_floating(
+            _engine.check_floating(
                 [leaves[i] for i in new_idx], new_names, [backends[i] for i in new_idx]
             )
             old_idx = [i for i, nm in enumerate(names) if nm is not None and nm in self._where]
             if old_idx:
                 pairs = [self._shadow_of(names[i]) for i in old_idx]
-                functional.check_pairs(
+                _engine.check_pairs(
                     [names[i] for i in old_idx],
                     [s for s, _ in pairs],
                     [leaves[i] for i in old_idx],
@@ -598,11 +598,11 @@ class ExponentialMovingAverage:
         for part_group, _ in parts:
             count = part_group.state.count if part_group is not None else 0
             decays.append(
-                functional.step_decay(self._schedule, count if n is None else n, self._compat)
+                _engine.step_decay(self._schedule, count if n is None else n, self._compat)
             )
         for part_group, _ in parts:
             if part_group is not None:
-                functional.check_writable(
+                _engine.check_writable(
                     part_group.state.shadow, part_group.names, part_group.backends
                 )
 
@@ -618,19 +618,19 @@ class ExponentialMovingAverage:
         for g, (_, idx), d in zip(groups, parts, decays):
             params = [leaves[i] for i in idx] if len(parts) > 1 else leaves
             if self._device is not None:  # offloaded shadows: bring the parameters over
-                params = functional.on_device(params, g.backends, self._device)
+                params = _engine.on_device(params, g.backends, self._device)
             c = coefficient(d, self._compat)
             exact = self._exact
             try:
                 if g.single is not None:
                     new = g.single.update(g.state.shadow, params, c, inplace=True, exact=exact)
                 else:
-                    new = functional.apply_update(
+                    new = _engine.apply_update(
                         g.state.shadow, params, g.backends, c, inplace=True, exact=exact
                     )
             except (ValueError, TypeError):
                 if trusted:  # say which leaf and what differs
-                    functional.check_pairs(
+                    _engine.check_pairs(
                         g.names,
                         g.state.shadow,
                         params,
@@ -639,7 +639,7 @@ class ExponentialMovingAverage:
                         shadow_specs=g.specs,
                     )
                 raise
-            g.state = g.state.replace(shadow=new, **functional.advance(g.state, d))
+            g.state = g.state.replace(shadow=new, **_engine.advance(g.state, d))
         return names if fast else list(names)
 
     def _display(self, name: Any, i: int) -> str:
@@ -719,11 +719,11 @@ class ExponentialMovingAverage:
                 self._order.append(names[i])
         fresh_leaves = [leaves[i] for i in fresh]
         fresh_backends = [backends[i] for i in fresh]
-        shadows = functional.create_shadows(
+        shadows = _engine.create_shadows(
             fresh_leaves,
             fresh_backends,
             zeros=self._zero_debias,
-            dtypes=functional.shadow_dtypes(
+            dtypes=_engine.shadow_dtypes(
                 fresh_leaves, fresh_backends, self._shadow_dtype, self._compat
             ),
             layout=self._layout,
@@ -826,7 +826,7 @@ class ExponentialMovingAverage:
             group = self._where[nm]
             i = group.position(nm)
             out.append(
-                functional.averages(group.state, [group.state.shadow[i]], [group.backends[i]])[0]
+                _engine.averages(group.state, [group.state.shadow[i]], [group.backends[i]])[0]
             )
         return out
 
@@ -923,7 +923,7 @@ class ExponentialMovingAverage:
 
     def _is_mutable(self, x: Any) -> bool:
         try:
-            return bool(functional.resolve_backends([x], [])[0].capabilities.mutable_arrays)
+            return bool(_engine.resolve_backends([x], [])[0].capabilities.mutable_arrays)
         except Exception:
             return False
 
@@ -964,7 +964,7 @@ class ExponentialMovingAverage:
             self._require_tracked(kind, names, treedef)
             keep = [i for i, nm in enumerate(names) if self._tracked(nm)]  # minus excluded
             names, leaves = [names[i] for i in keep], [leaves[i] for i in keep]
-        backends = functional.resolve_backends(leaves, names, self._backend_name)
+        backends = _engine.resolve_backends(leaves, names, self._backend_name)
         pairs = []
         for nm, live, avg, backend in zip(names, leaves, self._averages_of(names), backends):
             if not backend.capabilities.mutable_arrays:
@@ -1155,16 +1155,14 @@ class ExponentialMovingAverage:
                     )
         keep = {nm: rec for nm, rec in leaves.items() if not current or nm in current}
         arrays = [rec["shadow"] for rec in keep.values()]
-        backends = functional.resolve_backends(arrays, list(keep), self._backend_name)
-        functional.check_floating(arrays, list(keep), backends)
+        backends = _engine.resolve_backends(arrays, list(keep), self._backend_name)
+        _engine.check_floating(arrays, list(keep), backends)
         kept_copies = {nm: a for nm, a in loaded_copies.items() if not current or nm in current}
-        copy_backends = functional.resolve_backends(
+        copy_backends = _engine.resolve_backends(
             list(kept_copies.values()), list(kept_copies), self._backend_name
         )
-        new_copies = functional.create_shadows(
-            list(kept_copies.values()), copy_backends, zeros=False
-        )
-        shadows = functional.create_shadows(arrays, backends, zeros=False)
+        new_copies = _engine.create_shadows(list(kept_copies.values()), copy_backends, zeros=False)
+        shadows = _engine.create_shadows(arrays, backends, zeros=False)
         # nothing above changed this EMA; from here on nothing can fail
         self._install(keep, shadows, backends, set(missing))
         self._copies = {nm: rec for nm, rec in self._copies.items() if nm in missing}
