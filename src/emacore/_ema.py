@@ -11,17 +11,26 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
-import math
 import operator
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 from emacore import _engine, _plugins, _pytree
 from emacore._debias import COMPAT_MODES, coefficient
 from emacore._state import EMAState
+from emacore._state_dict import (
+    _IDENTITY,
+    _NAME,
+    _POSITION,
+    STATE_FORMAT,
+    STATE_VERSION,
+    LoadResult,
+    parse_copies,
+    parse_leaves,
+)
 from emacore.backend import Backend
 from emacore.errors import (
     EMAError,
@@ -34,9 +43,6 @@ from emacore.schedules import Schedule, TFRamp, as_schedule, check_decay
 
 __all__ = ["EMA", "ExponentialMovingAverage", "LoadResult"]
 
-STATE_FORMAT = "emacore.ExponentialMovingAverage"
-STATE_VERSION = 1
-_IDENTITY, _POSITION, _NAME = "identity", "position", "name"
 _ROLES = ("copy", "average", "skip")
 _SHADOW_DTYPE_NAMES = ("same", "float16", "bfloat16", "float32", "float64")
 
@@ -58,13 +64,6 @@ def _name_filter(
             f"{option} must be a glob pattern, a sequence of patterns or a predicate, got {spec!r}"
         )
     return lambda name: any(fnmatch.fnmatchcase(name, p) for p in patterns)
-
-
-class LoadResult(NamedTuple):
-    """What ``load_state_dict(strict=False)`` did not match (as torch reports it)."""
-
-    missing_keys: list[str]
-    unexpected_keys: list[str]
 
 
 @dataclass
@@ -1130,12 +1129,8 @@ class ExponentialMovingAverage:
             ``state`` is malformed, was saved with another ``zero_debias``/``compat``, or (with
             ``strict``) its leaves differ from the tracked ones. Nothing changes then.
         """
-        leaves = self._parse_state(state)
-        loaded_copies = state.get("copies", {})
-        if not isinstance(loaded_copies, Mapping) or not all(
-            isinstance(k, str) and hasattr(v, "shape") for k, v in loaded_copies.items()
-        ):
-            raise StateDictError("state dict 'copies' must map leaf names to arrays")
+        leaves = parse_leaves(state, self._zero_debias, self._compat)
+        loaded_copies = parse_copies(state)
         current = set(self._where) | set(self._copies)
         saved = set(leaves) | set(loaded_copies)
         missing = sorted(current - saved) if current else []
@@ -1172,51 +1167,6 @@ class ExponentialMovingAverage:
             if nm not in self._order:
                 self._order.append(nm)
         return LoadResult(missing, unexpected)
-
-    def _parse_state(self, state: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-        if not isinstance(state, Mapping) or state.get("format") != STATE_FORMAT:
-            raise StateDictError(
-                f"not an emacore EMA state dict (expected format {STATE_FORMAT!r}, got "
-                f"{state.get('format') if isinstance(state, Mapping) else type(state)!r})"
-            )
-        if state.get("version") != STATE_VERSION:
-            raise StateDictError(
-                f"state dict version {state.get('version')!r} is not supported (expected "
-                f"{STATE_VERSION})"
-            )
-        for key, mine in (("zero_debias", self._zero_debias), ("compat", self._compat)):
-            if state.get(key) != mine:
-                raise StateDictError(
-                    f"state dict was saved with {key}={state.get(key)!r}, this EMA has "
-                    f"{key}={mine!r}"
-                )
-        leaves = state.get("leaves")
-        if not isinstance(leaves, Mapping):
-            raise StateDictError("state dict has no 'leaves' mapping")
-        out: dict[str, dict[str, Any]] = {}
-        for nm, rec in leaves.items():
-            if not isinstance(nm, str) or not isinstance(rec, Mapping):
-                raise StateDictError(f"malformed leaf entry {nm!r}")
-            try:
-                parsed = {
-                    "shadow": rec["shadow"],
-                    "count": int(rec["count"]),
-                    "decay_product": float(rec["decay_product"]),
-                    "last_decay": float(rec["last_decay"]),
-                    "keyed_by": str(rec["keyed_by"]),
-                    "position": None if rec.get("position") is None else int(rec["position"]),
-                    "order": int(rec.get("order", len(out))),
-                }
-            except (KeyError, TypeError, ValueError) as exc:
-                raise StateDictError(f"leaf {nm!r}: malformed entry ({exc})") from None
-            if parsed["keyed_by"] not in (_IDENTITY, _POSITION, _NAME):
-                raise StateDictError(f"leaf {nm!r}: unknown keyed_by {parsed['keyed_by']!r}")
-            if parsed["count"] < 0 or not math.isfinite(parsed["decay_product"]):
-                raise StateDictError(f"leaf {nm!r}: invalid counters {dict(rec)!r}")
-            if not hasattr(parsed["shadow"], "shape"):
-                raise StateDictError(f"leaf {nm!r}: shadow is not an array")
-            out[nm] = parsed
-        return out
 
     def _install(
         self,
