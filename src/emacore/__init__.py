@@ -5,7 +5,7 @@ backends (numpy, torch, jax, any plugin) are found through pluggy and loaded on 
 """
 
 from emacore import functional, schedules
-from emacore._ema import EMA, ExponentialMovingAverage, LoadResult
+from emacore._ema import EMA, ExponentialMovingAverage
 from emacore._generic import ArrayAPIBackend
 from emacore._plugins import (
     DISABLE_AUTOLOAD_ENV,
@@ -16,6 +16,7 @@ from emacore._plugins import (
     reset_registry,
 )
 from emacore._state import EMAState
+from emacore._state_dict import LoadResult
 from emacore.backend import Backend, BackendSpec, Capabilities
 from emacore.errors import (
     BackendConflictError,
