@@ -29,7 +29,7 @@ class Lib:
     read: Callable[[Any], np.ndarray]
     dtype: Callable[[str], Any]
     device_of: Callable[[Any], Any]
-    set_value: Callable[[Any, np.ndarray], Any]
+    set_value: Callable[[Any, np.ndarray], Any]  # returns the array to use from then on
 
     def __repr__(self) -> str:
         return f"Lib({self.name})"
@@ -102,10 +102,31 @@ def _torch_lib() -> Lib:
     )
 
 
+def _jax_lib() -> Lib:
+    jax = importlib.import_module("jax")
+    jax.config.update("jax_enable_x64", True)  # the float64 cases
+    jnp = importlib.import_module("jax.numpy")
+    device = jax.devices()[0]
+
+    return Lib(
+        name="jax",
+        backend="jax",
+        xp=jnp,
+        device=device,
+        mutable=False,
+        make=lambda a: jnp.asarray(np.array(a, copy=True)),
+        read=lambda x: np.array(x, copy=True),
+        dtype=lambda name: jnp.dtype(name),
+        device_of=lambda x: next(iter(x.devices())),
+        set_value=lambda x, v: jnp.asarray(np.asarray(v), dtype=x.dtype),  # a new array
+    )
+
+
 _LIBS: dict[str, Callable[[], Lib]] = {
     "numpy": _numpy_lib,
     "array_api_strict": _strict_lib,
     "torch": _torch_lib,
+    "jax": _jax_lib,
 }
 
 

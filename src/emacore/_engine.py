@@ -302,7 +302,7 @@ def averages(state: EMAState, shadows: Sequence[Any], backends: Sequence[Backend
         c = coefficient(state.last_decay, state.compat)
         # The factor is exact in each leaf's dtype, so the division is TF's.
         return [
-            s / tf_correction(c, state.count, dtype_name(b.namespace(s), s.dtype))
+            _divide(b, s, tf_correction(c, state.count, dtype_name(b.namespace(s), s.dtype)))
             for s, b in zip(shadows, backends)
         ]
     correction = exact_correction(state.decay_product)
@@ -310,5 +310,16 @@ def averages(state: EMAState, shadows: Sequence[Any], backends: Sequence[Backend
         # every decay so far was 1: no value has entered the average; report the zeros
         # rather than 0/0 (TF's compat mode above keeps TF's NaN)
         return list(shadows)
-    # Python float64 until here; dividing casts it to each shadow's dtype, last.
-    return [s / correction for s in shadows]
+    # Python float64 until here; cast to each shadow's dtype, last.
+    return [_divide(b, s, correction) for s, b in zip(shadows, backends)]
+
+
+def _divide(backend: Backend, s: Any, divisor: float) -> Any:
+    """``s / divisor`` with the divisor as a 0-d array of ``s``'s dtype, not a constant.
+
+    The same numbers as dividing by the Python float (which is cast to ``s``'s dtype too),
+    but XLA rewrites a division by a constant into a multiplication by its reciprocal, which
+    is off by an ulp; a 0-d array operand stays a true division.
+    """
+    xp = backend.namespace(s)
+    return s / xp.asarray(divisor, dtype=s.dtype, device=backend.device(s))

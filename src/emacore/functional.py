@@ -123,7 +123,7 @@ def init(
         xp, where = backends[0].namespace(shadows[0]), backends[0].device(shadows[0])
         wide = xp.float64 if _has_float64(xp) else xp.float32
         counters = {
-            "count": xp.asarray(0, dtype=xp.int64, device=where),
+            "count": xp.asarray(0, dtype=_default_int(xp), device=where),
             "decay_product": xp.asarray(1.0, dtype=wide, device=where),
             "last_decay": xp.asarray(1.0, dtype=wide, device=where),
         }
@@ -240,6 +240,14 @@ def _has_float64(xp: Any) -> bool:
         return "float64" in xp.__array_namespace_info__().dtypes()
     except Exception:  # a namespace without the inspection API: the standard's float64
         return True
+
+
+def _default_int(xp: Any) -> Any:
+    """int64 where the namespace has it (jax without x64 has int32 only)."""
+    try:
+        return xp.__array_namespace_info__().default_dtypes()["integral"]
+    except Exception:  # a namespace without the inspection API: the standard's int64
+        return xp.int64
 
 
 def _structure_diff(expected: Any, got: Any) -> str:

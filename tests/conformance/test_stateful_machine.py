@@ -66,9 +66,11 @@ def make_machine(lib: Any) -> type[RuleBasedStateMachine]:
             for k in keys:
                 v = self.rng.standard_normal(self.values[k].shape)
                 self.values[k] = v
-                lib.set_value(self.arrays[k], v)
+                self.arrays[k] = lib.set_value(self.arrays[k], v)
             self.decay[0] = decay
-            if as_dict:  # named leaves live in their own key space ("d/a", ...)
+            # immutable arrays (JAX) in a plain list are tracked by position, which subsets
+            # of a list reshuffle: name them
+            if as_dict or not lib.mutable:  # named leaves live in their own key space ("d/a", ...)
                 self.ema.apply({"d": {k: self.arrays[k] for k in keys}})
                 self.ref.apply({f"d/{k}": self.values[k] for k in keys}, decay)
             else:  # identity-tracked, TF style
@@ -89,7 +91,7 @@ def make_machine(lib: Any) -> type[RuleBasedStateMachine]:
                 self.ema.apply([self.arrays[k] for k in order])
                 self.ref.apply({k: self.values[k] for k in order}, 1.0)
 
-        @precondition(lambda self: any(len(k) == 1 for k in self.ref.shadow))
+        @precondition(lambda self: lib.mutable and any(len(k) == 1 for k in self.ref.shadow))
         @rule()
         def swap(self) -> None:
             tracked = [k for k in "abcd" if k in self.ref.shadow]
