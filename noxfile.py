@@ -21,8 +21,8 @@ TEST_DEPS = ["pytest>=8", "hypothesis>=6.100", "numpy>=1.26", "array-api-strict>
 BACKEND_DEPS = {
     "numpy": [],
     "array_api_strict": [],
-    # the portable path for now; the fused torch backend is the torch issue's
     "torch": [TORCH],
+    "jax": ["jax"],  # plain jax from PyPI is the CPU build
 }
 
 

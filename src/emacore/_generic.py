@@ -103,6 +103,10 @@ class ArrayAPIBackend:
     def check_writable(self, shadows: Sequence[Any], names: Sequence[str]) -> None:
         """Nothing to check: the generic backend never writes in place."""
 
+    def is_traced(self, x: Any) -> bool:
+        """Standard arrays are concrete."""
+        return False
+
     def to_device(self, x: Any, device: Any) -> Any:
         """Return ``x`` on ``device`` (through the array API's ``to_device``)."""
         import array_api_compat

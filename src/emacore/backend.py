@@ -109,6 +109,10 @@ class Backend(Protocol):
         """Return ``x`` as something ``numpy.asarray`` accepts (for checkpoints and tests)."""
         ...
 
+    def is_traced(self, x: Any) -> bool:
+        """Return True for a placeholder of a trace (a JAX tracer): no concrete value."""
+        ...
+
     def to_device(self, x: Any, device: Any) -> Any:
         """Return ``x`` on ``device`` (``x`` itself when it is there already).
 

@@ -149,6 +149,10 @@ class JaxBackend(ArrayAPIBackend):
         fn = _update_donating if inplace else _update_keeping
         return list(fn(shadows, params, c))
 
+    def is_traced(self, x: Any) -> bool:
+        """Return True for a tracer (inside ``jit``, ``grad``, ``scan``...)."""
+        return _is_tracer(x)
+
     def to_device(self, x: Any, device: Any) -> Any:
         """Return ``x`` placed on ``device`` (a device or a sharding)."""
         return jax.device_put(x, device)

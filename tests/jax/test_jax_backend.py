@@ -1,0 +1,146 @@
+"""jax specifics: one compiled update per structure, donated shadows, the functional API
+inside jit/scan with donation, tracers refused by the stateful API, shardings kept.
+
+Runs where ``EMACORE_TEST_BACKENDS`` names jax (``nox -s "tests(backend='jax')"``); there an
+import failure is an error, not a skip.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+if "jax" not in os.environ.get("EMACORE_TEST_BACKENDS", ""):
+    pytest.skip(
+        "jax is not among EMACORE_TEST_BACKENDS (the jax nox session runs these)",
+        allow_module_level=True,
+    )
+
+import jax
+import jax.numpy as jnp
+
+import emacore
+from emacore import functional as F
+from emacore_backends import jax as jax_backend
+
+
+def _params(seed: int = 0) -> dict[str, jax.Array]:
+    rng = np.random.default_rng(seed)
+    return {
+        "dense": {"w": jnp.asarray(rng.standard_normal((4, 3)), jnp.float32)},
+        "b": jnp.asarray(rng.standard_normal(3), jnp.float32),
+    }
+
+
+def test_one_compilation_per_structure_and_donated_shadows() -> None:
+    # shapes no other test uses, so the compilation cache starts cold for them
+    rng = np.random.default_rng(1)
+    start = {"w": rng.standard_normal((13, 11)), "b": rng.standard_normal(17)}
+    params = {k: jnp.asarray(v, jnp.float32) for k, v in start.items()}
+    ema = emacore.EMA(0.9)
+    before = jax_backend.TRACES
+    ema.apply(params)
+    assert before + 1 == jax_backend.TRACES
+    old = ema.average(params)["b"]
+    for k in range(1, 6):
+        params = {n: jnp.asarray(v + k, jnp.float32) for n, v in start.items()}
+        ema.apply(params)
+    assert before + 1 == jax_backend.TRACES  # no recompilation for five more updates
+    assert old.is_deleted()  # donated: no second copy of the model was kept
+    params["extra"] = jnp.zeros(19)
+    ema.apply(params)  # a new leaf: its own group, compiled for its structure
+    assert before + 2 == jax_backend.TRACES
+    ref = start["b"].copy()
+    for k in (1, 2, 3, 4, 5, 5):  # the apply that added "extra" updated "b" again
+        ref = 0.9 * ref + 0.1 * (start["b"] + k)
+    np.testing.assert_allclose(np.asarray(ema.average(params)["b"]), ref, rtol=1e-5)
+
+
+def test_functional_inside_jit_with_donation_and_scan() -> None:
+    params = _params()
+    ramp = emacore.schedules.TFRamp(0.99)
+    state = F.init(params, zero_debias=True, traceable=True)
+    eager = F.init(params, zero_debias=True)
+
+    @jax.jit
+    def step(state: emacore.EMAState, params: dict[str, jax.Array]) -> emacore.EMAState:
+        return F.update(state, params, ramp)
+
+    donating = jax.jit(step, donate_argnums=0)
+    for k in range(6):
+        params = jax.tree_util.tree_map(lambda x: x * 0.5 + 1.0, params)
+        state = (donating if k % 2 else step)(state, params)
+        eager = F.update(eager, params, ramp)
+    assert int(state.count) == 6
+    got, want = F.average(state), F.average(eager)
+    for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=2e-6, atol=1e-6)
+
+    def body(state: emacore.EMAState, p: dict[str, jax.Array]) -> tuple[emacore.EMAState, None]:
+        return F.update(state, p, 0.5), None
+
+    stacked = jax.tree_util.tree_map(lambda x: jnp.stack([x, x + 2.0]), params)
+    scanned, _ = jax.lax.scan(body, F.init(params), stacked)
+    # from x: update with x (no change), then with x + 2 at decay 0.5
+    np.testing.assert_allclose(
+        np.asarray(F.average(scanned)["b"]), np.asarray(params["b"] + 1.0), rtol=1e-6
+    )
+
+
+def test_tracers_are_refused_by_the_stateful_api() -> None:
+    ema = emacore.EMA(0.9)
+
+    @jax.jit
+    def bad(params: dict[str, jax.Array]) -> jax.Array:
+        ema.apply(params)
+        return params["b"]
+
+    with pytest.raises(TypeError, match="use emacore.functional"):
+        bad(_params())
+
+
+def test_bfloat16_parameters_get_float32_shadows() -> None:
+    params = {"w": jnp.ones(8, jnp.bfloat16)}
+    ema = emacore.EMA(0.999)
+    ema.apply(params)
+    params = {"w": jnp.full(8, 1.25, jnp.bfloat16)}
+    for _ in range(200):
+        ema.apply(params)
+    avg = ema.average(params)["w"]
+    assert avg.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(avg), 1.25 - 0.25 * 0.999**200, rtol=1e-5)
+
+
+def test_shardings_are_kept_and_the_update_has_no_collective() -> None:
+    """8 host devices (a subprocess: the device count is fixed when jax starts)."""
+    code = textwrap.dedent(
+        """
+        import jax, jax.numpy as jnp, numpy as np
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+        import emacore
+        from emacore_backends import jax as jb
+        mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "model"))
+        sharding = NamedSharding(mesh, P("data", "model"))
+        w = jax.device_put(jnp.arange(64.0).reshape(8, 8), sharding)
+        ema = emacore.EMA(0.5)
+        ema.apply({"w": w})
+        ema.apply({"w": w + 2.0})
+        avg = ema.average({"w": w})["w"]
+        assert avg.sharding == sharding, avg.sharding
+        np.testing.assert_allclose(np.asarray(avg), np.asarray(w) + 1.0)
+        hlo = jb._update_keeping.lower([avg], [w], 0.5).compile().as_text()
+        assert not any(op in hlo for op in ("all-gather", "all-reduce", "collective-permute")), hlo
+        print("ok", len(jax.devices()))
+        """
+    )
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "ok 8"
