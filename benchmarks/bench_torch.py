@@ -51,25 +51,32 @@ not installed is skipped, and the report says so.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import gc
 import importlib.util
-import json
-import math
 import os
-import platform
 import random
-import statistics
 import sys
-import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from _harness import (
+    SMALL_SET_MAX_TENSOR,
+    TimedMethod,
+    fmt_bytes,
+    fmt_ms,
+    load_average,
+    load_sets,
+    machine,
+    measure,
+    parse_args,
+    speed_target,
+    write_report,
+)
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
@@ -77,14 +84,11 @@ import emacore
 
 DECAY = 0.999
 WEIGHT = 1.0 - DECAY
-SHAPES_FILE = Path(__file__).with_name("bench_shapes.json")
 DEFAULT_REPEAT = 25
 WARMUP_STEPS = 3  # steps after the first (which creates the shadows) before anything is measured
 MEMORY_STEPS = 3  # steps profiled for the memory figures
-MIN_SAMPLE_S = 0.02  # a fast method is looped so that one recorded sample lasts this long
 LARGE_TARGET = 0.95  # emacore <= 0.95x the fastest peer's time on the large sets
 SMALL_TARGET = 3.0  # emacore >= 3x faster than the fastest peer on the many-small set
-SMALL_SET_MAX_TENSOR = 65_536  # a set whose largest tensor is smaller is "many small tensors"
 BYTES_PER_PARAM = 12  # read p, read s, write s (float32)
 
 EMACORE_MODULE = "emacore `apply(model)`"
@@ -95,27 +99,13 @@ FLOOR = "floor: one flat `a.lerp_(b, w)`"
 EMACORE, PEER, BASELINE = "emacore", "peer", "baseline"
 
 
-@dataclass
-class Method:
-    """One timed contender: a no-argument callable doing one update step."""
+@dataclass(kw_only=True)
+class Method(TimedMethod):
+    """One timed contender, its role and its torch allocations per step."""
 
-    label: str
     role: str  # EMACORE, PEER or BASELINE
-    step: Callable[[], Any]
-    samples: list[float] = field(default_factory=list)
-    inner: int = 1
     alloc_bytes: float | None = None  # torch CPU allocations per step, after the first
     alloc_count: float | None = None
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.samples)
-
-    def quartiles(self) -> tuple[float, float]:
-        if len(self.samples) < 2:
-            return self.samples[0], self.samples[0]
-        q = statistics.quantiles(self.samples, n=4, method="inclusive")
-        return q[0], q[2]
 
 
 @dataclass
@@ -286,42 +276,6 @@ class Model(nn.Module):
         )
 
 
-def load_sets(path: Path) -> dict[str, list[tuple[int, ...]]]:
-    with path.open() as f:
-        raw = json.load(f)["sets"]
-    return {name: [tuple(s) for s in shapes] for name, shapes in raw.items()}
-
-
-@contextlib.contextmanager
-def gc_off() -> Iterator[None]:
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
-
-
-def time_once(fn: Callable[[], Any], inner: int) -> float:
-    t0 = time.perf_counter()
-    for _ in range(inner):
-        fn()
-    return (time.perf_counter() - t0) / inner
-
-
-def measure(methods: list[Method], repeat: int, rng: random.Random) -> None:
-    """Interleave the methods: each repetition runs all of them once, in a shuffled order."""
-    with gc_off():
-        for m in methods:  # pick the inner loop count (all were warmed up already)
-            m.inner = max(1, math.ceil(MIN_SAMPLE_S / max(time_once(m.step, 1), 1e-9)))
-        for _ in range(repeat):
-            order = list(methods)
-            rng.shuffle(order)
-            for m in order:
-                m.samples.append(time_once(m.step, m.inner))
-
-
 @contextlib.contextmanager
 def quiet_stderr() -> Iterator[None]:
     """Silence file descriptor 2 (the profiler's C++ side logs every start and stop there)."""
@@ -378,8 +332,8 @@ def run_set(
             skipped[label] = f"not importable: {exc}"
             print(f"#   skipped {label}: {exc}", file=sys.stderr)
             continue
-        methods.append(Method(label, role, step))
-    methods.append(Method(FLOOR, BASELINE, floor(total)))
+        methods.append(Method(label, step, role=role))
+    methods.append(Method(FLOOR, floor(total), role=BASELINE))
 
     with torch.no_grad():  # so that s - p is not zero; shadows were copied from the params
         for p in params:
@@ -387,7 +341,7 @@ def run_set(
     for m in methods:  # the first step (copies, for some peers), then the warm-up
         for _ in range(1 + WARMUP_STEPS):
             m.step()
-    measure(methods, repeat, random.Random(seed))
+    measure(methods, repeat, random.Random(seed))  # all were warmed up already
     for m in methods:
         m.alloc_bytes, m.alloc_count = allocations(m.step, MEMORY_STEPS)
         m.step = released  # drop the closure: it holds this method's shadows
@@ -395,25 +349,6 @@ def run_set(
 
 
 # -- the report -----------------------------------------------------------------------------
-
-
-def fmt_ms(seconds: float) -> str:
-    ms = seconds * 1e3
-    if ms >= 100:
-        return f"{ms:.0f}"
-    if ms >= 10:
-        return f"{ms:.1f}"
-    if ms >= 1:
-        return f"{ms:.2f}"
-    return f"{ms:.3f}"
-
-
-def fmt_bytes(n: float) -> str:
-    if abs(n) >= 1 << 20:
-        return f"{n / (1 << 20):.1f} MiB"
-    if abs(n) >= 1 << 10:
-        return f"{n / (1 << 10):.1f} KiB"
-    return f"{n:.0f} B"
 
 
 def fmt_alloc(m: Method) -> str:
@@ -424,14 +359,6 @@ def fmt_alloc(m: Method) -> str:
     return f"{fmt_bytes(m.alloc_bytes)} in {m.alloc_count:g}"
 
 
-def load_average() -> str:
-    """The 1-minute load average, a hint of how busy the (shared) machine was."""
-    try:
-        return f"{os.getloadavg()[0]:.2f}"
-    except (AttributeError, OSError):  # not on every platform
-        return "n/a"
-
-
 def header(
     repeat: int, results: list[SetResult], loads: tuple[str, str], skipped: dict[str, str]
 ) -> list[str]:
@@ -440,9 +367,8 @@ def header(
         "## emacore (torch backend, CPU) vs PyTorch EMA libraries: one update step "
         f"(float32, decay {DECAY})",
         "",
-        f"- machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs; "
-        f"Python {platform.python_version()}, torch {torch.__version__}, "
-        f"emacore {emacore.__version__}; {versions}",
+        f"- machine: {machine()}, torch {torch.__version__}, emacore {emacore.__version__}; "
+        f"{versions}",
         f"- torch threads: {torch.get_num_threads()} intra-op, "
         f"{torch.get_num_interop_threads()} inter-op (defaults kept)",
         "- sets: "
@@ -503,14 +429,7 @@ def targets_table(results: list[SetResult]) -> list[str]:
             lines.append(f"| {r.name} | (no peer ran) | - | - | - | - | {no_alloc} |")
             continue
         ratios = [m.median / fastest.median for m in ours]
-        if r.small:
-            target = f">= {SMALL_TARGET:g}x faster"
-            met = all(1 / x >= SMALL_TARGET for x in ratios)
-            cells = [f"{1 / x:.2f}x faster" if x <= 1 else f"{x:.2f}x slower" for x in ratios]
-        else:
-            target = f"<= {LARGE_TARGET:g}x the time"
-            met = all(x <= LARGE_TARGET for x in ratios)
-            cells = [f"{x:.2f}x the time" for x in ratios]
+        target, cells, met = speed_target(ratios, r.small, LARGE_TARGET, SMALL_TARGET)
         lines.append(
             f"| {r.name} | {fastest.label} ({fmt_ms(fastest.median)} ms) | {target} | "
             f"{' | '.join(cells)} | {'yes' if met else 'NO'} | {'yes' if no_alloc else 'NO'} |"
@@ -519,19 +438,8 @@ def targets_table(results: list[SetResult]) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    shapes = load_sets(SHAPES_FILE)
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument(
-        "--repeat", type=int, default=DEFAULT_REPEAT, help="interleaved repetitions per method"
-    )
-    parser.add_argument(
-        "--sets", nargs="+", choices=list(shapes), default=list(shapes), help="sets to run"
-    )
-    parser.add_argument("--markdown", type=Path, help="also write the report to this file")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the data and the order")
-    args = parser.parse_args(argv)
-    if args.repeat < 1:
-        parser.error("--repeat must be at least 1")
+    shapes = load_sets()
+    args = parse_args(argv, (__doc__ or "").splitlines()[0], list(shapes), DEFAULT_REPEAT)
 
     load_before = load_average()
     skipped: dict[str, str] = {}
@@ -545,10 +453,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         *results_table(results),
         *targets_table(results),
     ]
-    text = "\n".join(report) + "\n"
-    print(text, end="")
-    if args.markdown is not None:
-        args.markdown.write_text(text)
+    write_report(report, args.markdown)
     return 0
 
 

@@ -37,37 +37,41 @@ freed in between.
 
 from __future__ import annotations
 
-import argparse
 import gc
 import itertools
-import json
 import math
 import os
-import platform
 import random
-import statistics
 import sys
-import time
 import tracemalloc
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from _harness import (
+    SMALL_SET_MAX_TENSOR,
+    TimedMethod,
+    fmt_bytes,
+    fmt_ms,
+    load_average,
+    load_sets,
+    machine,
+    measure,
+    parse_args,
+    speed_target,
+    write_report,
+)
 
 import emacore
 from emacore import functional
 
 DECAY = 0.999
 DTYPE = np.float32
-SHAPES_FILE = Path(__file__).with_name("bench_shapes.json")
 DEFAULT_REPEAT = 31
-MIN_SAMPLE_S = 0.02  # a fast method is looped so that one recorded sample lasts this long
 LARGE_TARGET = 0.6  # emacore <= 0.6x the hand-written time on the large sets
 SMALL_TARGET = 3.0  # emacore >= 3x faster than hand-written on the many-small set
-SMALL_SET_MAX_TENSOR = 65_536  # a set whose largest tensor is smaller is "many small tensors"
 
 STATEFUL = "emacore `ExponentialMovingAverage.apply`"
 FUNCTIONAL = "emacore `functional.update(inplace=True)`"
@@ -75,25 +79,11 @@ NAIVE = "naive loop `s *= d; s += (1 - d) * p`"
 HAND = "hand-written ufuncs with `out=` (1 thread)"
 
 
-@dataclass
-class Method:
-    """One timed contender: a no-argument callable doing one update step."""
+@dataclass(kw_only=True)
+class Method(TimedMethod):
+    """One timed contender and the floor it is compared with."""
 
-    label: str
-    step: Callable[[], None]
     floor: str  # key of the floor it is compared with
-    samples: list[float] = field(default_factory=list)
-    inner: int = 1
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.samples)
-
-    def quartiles(self) -> tuple[float, float]:
-        if len(self.samples) < 2:
-            return self.samples[0], self.samples[0]
-        q = statistics.quantiles(self.samples, n=4, method="inclusive")
-        return q[0], q[2]
 
 
 @dataclass
@@ -116,12 +106,6 @@ def emacore_threads() -> int:
         env = os.environ.get("EMACORE_NUM_THREADS")
         threads = int(env) if env else min(os.cpu_count() or 1, 4)
     return max(1, int(threads))
-
-
-def load_sets(path: Path) -> dict[str, list[tuple[int, ...]]]:
-    with path.open() as f:
-        raw = json.load(f)["sets"]
-    return {name: [tuple(s) for s in shapes] for name, shapes in raw.items()}
 
 
 def traced_peak(fn: Callable[[], Any]) -> int:
@@ -206,31 +190,6 @@ def floor_step(
     return step_threads
 
 
-def time_once(fn: Callable[[], None], inner: int) -> float:
-    t0 = time.perf_counter()
-    for _ in range(inner):
-        fn()
-    return (time.perf_counter() - t0) / inner
-
-
-def measure(methods: list[Method], repeat: int, rng: random.Random) -> None:
-    """Interleave the methods: each repetition runs all of them once, in a shuffled order."""
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        for m in methods:  # warm up, then pick the inner loop count
-            m.step()
-            m.inner = max(1, math.ceil(MIN_SAMPLE_S / max(time_once(m.step, 1), 1e-9)))
-        for _ in range(repeat):
-            order = list(methods)
-            rng.shuffle(order)
-            for m in order:
-                m.samples.append(time_once(m.step, m.inner))
-    finally:
-        if gc_was_enabled:
-            gc.enable()
-
-
 def run_set(
     name: str,
     shapes: list[tuple[int, ...]],
@@ -254,50 +213,23 @@ def run_set(
     a = np.zeros(total, dtype=DTYPE)
     b = np.full(total, 1e-3, dtype=DTYPE)
     methods = [
-        Method(STATEFUL, lambda: ema.apply(params), f"{threads}T"),
-        Method(FUNCTIONAL, func, f"{threads}T"),
-        Method(NAIVE, naive_step(shadows, params), "1T"),
-        Method(HAND, ufunc_step(shadows, params), "1T"),
-        Method("floor `np.add(a, b, out=a)`, 1 thread", floor_step(a, b, 1, None), "1T"),
+        Method(STATEFUL, lambda: ema.apply(params), floor=f"{threads}T"),
+        Method(FUNCTIONAL, func, floor=f"{threads}T"),
+        Method(NAIVE, naive_step(shadows, params), floor="1T"),
+        Method(HAND, ufunc_step(shadows, params), floor="1T"),
+        Method("floor `np.add(a, b, out=a)`, 1 thread", floor_step(a, b, 1, None), floor="1T"),
     ]
     if threads > 1:
         methods.append(
             Method(
                 f"floor `np.add(a, b, out=a)`, {threads} threads",
                 floor_step(a, b, threads, pool),
-                f"{threads}T",
+                floor=f"{threads}T",
             )
         )
-    measure(methods, repeat, random.Random(seed))
+    measure(methods, repeat, random.Random(seed), warmup=1)
     steady = {m.label: traced_peak(m.step) for m in methods[:4]}
     return SetResult(name, len(params), total, methods, first, steady)
-
-
-def fmt_ms(seconds: float) -> str:
-    ms = seconds * 1e3
-    if ms >= 100:
-        return f"{ms:.0f}"
-    if ms >= 10:
-        return f"{ms:.1f}"
-    if ms >= 1:
-        return f"{ms:.2f}"
-    return f"{ms:.3f}"
-
-
-def fmt_bytes(n: int) -> str:
-    if abs(n) >= 1 << 20:
-        return f"{n / (1 << 20):.1f} MiB"
-    if abs(n) >= 1 << 10:
-        return f"{n / (1 << 10):.1f} KiB"
-    return f"{n} B"
-
-
-def load_average() -> str:
-    """The 1-minute load average, a hint of how busy the (shared) machine was."""
-    try:
-        return f"{os.getloadavg()[0]:.2f}"
-    except (AttributeError, OSError):  # not on every platform
-        return "n/a"
 
 
 def header(
@@ -309,9 +241,7 @@ def header(
     return [
         "## emacore: one EMA update step (float32, decay 0.999)",
         "",
-        f"- machine: {platform.machine()} {platform.processor() or ''}, "
-        f"{os.cpu_count()} CPUs; Python {platform.python_version()}, numpy {np.__version__}, "
-        f"emacore {emacore.__version__}",
+        f"- machine: {machine()}, numpy {np.__version__}, emacore {emacore.__version__}",
         f"- emacore numpy backend: {threads} threads (EMACORE_NUM_THREADS="
         f"{env if env else 'unset'}; default min(cpu_count, 4)); BLOCK={backend_module.BLOCK}, "
         f"SMALL={backend_module.SMALL}, THREAD_MIN={backend_module.THREAD_MIN}",
@@ -383,14 +313,8 @@ def targets_table(results: list[SetResult], shapes: dict[str, list[tuple[int, ..
         by_label = {m.label: m for m in r.methods}
         hand = by_label[HAND].median
         ratios = [by_label[k].median / hand for k in (STATEFUL, FUNCTIONAL)]
-        if max(math.prod(s) for s in shapes[r.name]) < SMALL_SET_MAX_TENSOR:
-            met = all(1 / x >= SMALL_TARGET for x in ratios)
-            cells = [f"{1 / x:.2f}x faster" if x <= 1 else f"{x:.2f}x slower" for x in ratios]
-            target = f">= {SMALL_TARGET:g}x faster"
-        else:
-            met = all(x <= LARGE_TARGET for x in ratios)
-            cells = [f"{x:.2f}x the time" for x in ratios]
-            target = f"<= {LARGE_TARGET:g}x the time"
+        small = max(math.prod(s) for s in shapes[r.name]) < SMALL_SET_MAX_TENSOR
+        target, cells, met = speed_target(ratios, small, LARGE_TARGET, SMALL_TARGET)
         lines.append(
             f"| {r.name} | {target} | {cells[0]} | {cells[1]} | {'yes' if met else 'NO'} |"
         )
@@ -398,19 +322,8 @@ def targets_table(results: list[SetResult], shapes: dict[str, list[tuple[int, ..
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    shapes = load_sets(SHAPES_FILE)
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--repeat", type=int, default=DEFAULT_REPEAT, help="interleaved repetitions per method"
-    )
-    parser.add_argument(
-        "--sets", nargs="+", choices=list(shapes), default=list(shapes), help="sets to run"
-    )
-    parser.add_argument("--markdown", type=Path, help="also write the report to this file")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the data and the order")
-    args = parser.parse_args(argv)
-    if args.repeat < 1:
-        parser.error("--repeat must be at least 1")
+    shapes = load_sets()
+    args = parse_args(argv, __doc__.splitlines()[0], list(shapes), DEFAULT_REPEAT)
 
     threads = emacore_threads()
     load_before = load_average()
@@ -426,10 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         *memory_table(results),
         *targets_table(results, shapes),
     ]
-    text = "\n".join(report) + "\n"
-    print(text, end="")
-    if args.markdown is not None:
-        args.markdown.write_text(text)
+    write_report(report, args.markdown)
     return 0
 
 
