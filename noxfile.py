@@ -22,7 +22,7 @@ BACKEND_DEPS = {
     "numpy": [],
     "array_api_strict": [],
     "torch": [TORCH],
-    "jax": ["jax"],  # plain jax from PyPI is the CPU build
+    "jax": ["jax", "optax"],  # plain jax from PyPI is the CPU build
 }
 
 

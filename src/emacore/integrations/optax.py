@@ -1,0 +1,105 @@
+"""optax adapter: keep an EMA of the parameters inside an optax chain (or a Flax TrainState).
+
+`ema_params` is a ``GradientTransformation`` that passes the updates through unchanged and
+updates an exponential moving average of the parameters *after* the step (``params +
+updates``). Put it last in a chain; `averages` reads the averages out of the optimizer state.
+The state is an `emacore.EMAState` with traceable counters, so the whole step jits and the
+decay schedule sees a traced step without recompiling.
+
+Examples
+--------
+>>> import jax.numpy as jnp, optax
+>>> from emacore.integrations.optax import averages, ema_params
+>>> params = {"w": jnp.zeros(2)}
+>>> tx = optax.chain(optax.sgd(1.0), ema_params(0.5))
+>>> state = tx.init(params)
+>>> updates, state = tx.update({"w": -jnp.ones(2)}, state, params)  # a step toward w = 1
+>>> params = optax.apply_updates(params, updates)
+>>> averages(state)["w"]
+Array([0.5, 0.5], dtype=float32)
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import optax
+
+from emacore import functional
+from emacore._state import EMAState
+from emacore.schedules import Schedule
+
+__all__ = ["EmaParamsState", "averages", "ema_params"]
+
+
+class EmaParamsState(NamedTuple):
+    """The optimizer state of `ema_params`: the EMA of the parameters."""
+
+    ema: EMAState
+
+
+def ema_params(
+    decay: float | Schedule,
+    *,
+    zero_debias: bool = False,
+    shadow_dtype: Any = None,
+) -> optax.GradientTransformation:
+    """An optax transformation that keeps an EMA of the parameters after each step.
+
+    Parameters
+    ----------
+    decay : float or Schedule
+        The decay, or a schedule of the step (e.g. `emacore.schedules.TFRamp`).
+    zero_debias : bool
+        Start the average at zero and report it bias-corrected (``1 - Π d_i``).
+    shadow_dtype : optional
+        As for `emacore.functional.init` (default: float32 for 16-bit parameters).
+
+    Returns
+    -------
+    optax.GradientTransformation
+        ``update(updates, state, params)`` needs ``params``; it returns ``updates``
+        unchanged.
+    """
+
+    def init_fn(params: Any) -> EmaParamsState:
+        return EmaParamsState(
+            functional.init(
+                params, zero_debias=zero_debias, shadow_dtype=shadow_dtype, traceable=True
+            )
+        )
+
+    def update_fn(
+        updates: Any, state: EmaParamsState, params: Any = None
+    ) -> tuple[Any, EmaParamsState]:
+        if params is None:
+            raise ValueError(
+                "ema_params needs the parameters: call tx.update(updates, state, params)"
+            )
+        new_params = optax.apply_updates(params, updates)
+        return updates, EmaParamsState(functional.update(state.ema, new_params, decay))
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def averages(opt_state: Any) -> Any:
+    """Return the averaged parameters held by the `ema_params` state inside ``opt_state``.
+
+    Raises
+    ------
+    ValueError
+        ``opt_state`` holds no `ema_params` state.
+    """
+    found = [
+        s
+        for s in jax.tree_util.tree_leaves(
+            opt_state, is_leaf=lambda x: isinstance(x, EmaParamsState)
+        )
+        if isinstance(s, EmaParamsState)
+    ]
+    if len(found) != 1:
+        raise ValueError(
+            f"expected one ema_params state in the optimizer state, found {len(found)}"
+        )
+    return functional.average(found[0].ema)
