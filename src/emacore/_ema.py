@@ -81,6 +81,7 @@ class _Group:
         one = bool(self.backends) and self.backends.count(self.backends[0]) == len(self.backends)
         self.single: Backend | None = self.backends[0] if one else None
         self.self_checking = self.single is not None and self.single.capabilities.self_checking
+        self.all_idx = list(range(len(self.names)))
 
     def position(self, name: str) -> int:
         return self._index[name]
@@ -556,7 +557,7 @@ class ExponentialMovingAverage:
         parts: list[tuple[_Group | None, list[int]]]
         trusted = False
         if group is not None:
-            parts = [(group, list(range(len(names))))]
+            parts = [(group, group.all_idx)]
             # objects from the id cache were checked at an earlier step; a self-checking
             # backend re-checks them before writing (and the core names the leaf if it refuses)
             trusted = fast and group.self_checking
@@ -607,7 +608,11 @@ class ExponentialMovingAverage:
                 _engine.step_decay(self._schedule, count if n is None else n, self._compat)
             )
         for part_group, _ in parts:
-            if part_group is not None:
+            if part_group is None:
+                continue
+            if part_group.single is not None:
+                part_group.single.check_writable(part_group.state.shadow, part_group.names)
+            else:
                 _engine.check_writable(
                     part_group.state.shadow, part_group.names, part_group.backends
                 )
@@ -1163,8 +1168,12 @@ class ExponentialMovingAverage:
         copy_backends = _engine.resolve_backends(
             list(kept_copies.values()), list(kept_copies), self._backend_name
         )
-        new_copies = _engine.create_shadows(list(kept_copies.values()), copy_backends, zeros=False)
-        shadows = _engine.create_shadows(arrays, backends, zeros=False)
+        new_copies = _engine.create_shadows(
+            list(kept_copies.values()), copy_backends, zeros=False, device=self._device
+        )
+        shadows = _engine.create_shadows(
+            arrays, backends, zeros=False, layout=self._layout, device=self._device
+        )
         # nothing above changed this EMA; from here on nothing can fail
         self._install(keep, shadows, backends, set(missing))
         self._copies = {nm: rec for nm, rec in self._copies.items() if nm in missing}
