@@ -226,6 +226,20 @@ class Registry:
         self._containers[t] = found
         return found
 
+    def flatten_node(self, obj: Any) -> tuple[tuple[str, ...], list[Any], Any] | None:
+        """Split a framework's own container (a JAX pytree node) into named children.
+
+        Asks the backends whose library is imported; None when ``obj`` is a leaf to them all.
+        """
+        for name, (spec, _) in self._specs.items():
+            if not any(m in sys.modules for m in spec.array_modules):
+                continue
+            split = getattr(self.get(name), "flatten_node", None)
+            node = split(obj) if split is not None else None
+            if node is not None:
+                return node  # type: ignore[no-any-return]
+        return None
+
 
 _registry: Registry | None = None
 _registry_lock = threading.Lock()

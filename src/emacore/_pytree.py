@@ -1,15 +1,20 @@
 """Flatten and rebuild nested containers of arrays, with leaf names by key path.
 
-A tree is a leaf (anything that is not a container), ``None`` (no leaves), or a ``dict``,
-``list``, ``tuple`` or namedtuple of trees. ``flatten`` returns the leaves and a hashable
-*treedef*; names are derived from the treedef once and cached, so a training loop that passes
-the same structure every step pays for a tuple comparison, not for string building.
-Dict keys are ordered by their string form when they are all strings (as JAX does), so two
-dicts with the same keys have the same structure whatever their insertion order.
+A tree is a leaf (anything that is not a container), ``None`` (no leaves), a ``dict``,
+``list``, ``tuple`` or namedtuple of trees, or a framework's own container type (a JAX
+registered pytree node such as a flax struct), which a backend splits into named
+children through ``Backend.flatten_node`` (asked once per type).
+
+``flatten`` returns the leaves and a hashable *treedef*; names are derived from the treedef
+once and cached, so a training loop that passes the same structure every step pays for a
+tuple comparison, not for string building. Dict keys are ordered by their string form when
+they are all strings (as JAX does), so two dicts with the same keys have the same structure
+whatever their insertion order.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 __all__ = ["LEAF", "ShadowList", "flatten", "is_flat_sequence", "leaf_names", "unflatten"]
@@ -29,19 +34,49 @@ class ShadowList(list):  # type: ignore[type-arg]
     backend_data: Any = None
 
 
+def _resolve_node(x: Any) -> tuple[tuple[str, ...], list[Any], Any] | None:
+    from emacore import _plugins  # lazily: the registry loads backends
+
+    return _plugins.get_registry().flatten_node(x)
+
+
+# obj -> (child keys, children, a hashable rebuilder with ``.unflatten(children)``) for a
+# framework's container type, or None for a leaf. Asked once per type for types that are not
+# built-in containers (tests may replace it).
+node_resolver: Callable[[Any], tuple[tuple[str, ...], list[Any], Any] | None] | None = _resolve_node
+_FOREIGN: dict[type, bool] = {}  # type -> is it a framework container?
+
+
 def _is_namedtuple(t: type) -> bool:
     return issubclass(t, tuple) and hasattr(t, "_fields")
 
 
-def _is_container_type(t: type) -> bool:
+def _is_foreign_node(x: Any) -> bool:
+    t = type(x)
+    known = _FOREIGN.get(t)
+    if known is None:
+        known = _FOREIGN[t] = node_resolver is not None and node_resolver(x) is not None
+    return known
+
+
+def _is_builtin_container(t: type) -> bool:
     return t is type(None) or issubclass(t, (dict, list, tuple))
+
+
+def _is_container_type(t: type) -> bool:
+    return _is_builtin_container(t) or bool(_FOREIGN.get(t))
 
 
 def is_flat_sequence(tree: Any) -> bool:
     """True for a plain list or tuple (not a namedtuple) whose items are all leaves."""
     if type(tree) not in (list, tuple, ShadowList):
         return False
-    return not any(_is_container_type(t) for t in set(map(type, tree)))
+    distinct = set(map(type, tree))
+    if not all(t in _FOREIGN or _is_builtin_container(t) for t in distinct):
+        for x in tree:  # first sight of a type: ask once whether it is a framework container
+            if type(x) not in _FOREIGN and not _is_builtin_container(type(x)):
+                _is_foreign_node(x)
+    return not any(_is_container_type(t) for t in distinct)
 
 
 def flatten(tree: Any) -> tuple[list[Any], Any]:
@@ -81,6 +116,12 @@ def _flatten_into(tree: Any, leaves: list[Any]) -> Any:
     if issubclass(t, (list, tuple)):
         kind = "list" if issubclass(t, list) else "tuple"
         return (kind, tuple(_flatten_into(v, leaves) for v in tree))
+    if _is_foreign_node(tree):
+        assert node_resolver is not None
+        node = node_resolver(tree)
+        if node is not None:
+            keys, children, rebuild = node
+            return ("node", rebuild, keys, tuple(_flatten_into(c, leaves) for c in children))
     leaves.append(tree)
     return LEAF
 
@@ -106,6 +147,9 @@ def _build(treedef: Any, it: Any) -> Any:
     if kind == "namedtuple":
         _, t, children = treedef
         return t(*(_build(c, it) for c in children))
+    if kind == "node":
+        _, rebuild, _, children = treedef
+        return rebuild.unflatten([_build(c, it) for c in children])
     children = treedef[1]
     if kind == "list" and all(c == LEAF for c in children):
         return [next(it) for _ in children]
@@ -145,7 +189,7 @@ def _names_into(treedef: Any, prefix: str, out: list[str]) -> None:
     kind = treedef[0]
     if kind == "none":
         return
-    if kind == "dict":
+    if kind in ("dict", "node"):
         for k, c in zip(treedef[2], treedef[3]):
             _names_into(c, _join(prefix, k), out)
     elif kind == "namedtuple":

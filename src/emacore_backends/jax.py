@@ -69,6 +69,13 @@ _subtract_keeping = jax.jit(
 )
 
 
+def _key_name(key: Any) -> str:
+    for attr in ("name", "key", "idx"):  # GetAttrKey, DictKey/FlattenedIndexKey, SequenceKey
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
 def _is_tracer(x: Any) -> bool:
     return isinstance(x, jax.core.Tracer)
 
@@ -148,6 +155,20 @@ class JaxBackend(ArrayAPIBackend):
             return list(subtract(shadows, deltas))
         fn = _update_donating if inplace else _update_keeping
         return list(fn(shadows, params, c))
+
+    def flatten_node(self, obj: Any) -> tuple[tuple[str, ...], list[Any], Any] | None:
+        """Split one level of a registered pytree node (a flax struct, an optax state...).
+
+        Returns the children's names, the children and the treedef that rebuilds the node;
+        None for a leaf.
+        """
+        if isinstance(obj, jax.Array) or obj is None or type(obj) in (dict, list, tuple):
+            return None
+        flat, treedef = jax.tree_util.tree_flatten_with_path(obj, is_leaf=lambda x: x is not obj)
+        if len(flat) == 1 and not flat[0][0] and flat[0][1] is obj:
+            return None  # not a registered node: a leaf
+        keys = tuple(_key_name(path[0]) for path, _ in flat)
+        return keys, [child for _, child in flat], treedef
 
     def is_traced(self, x: Any) -> bool:
         """Return True for a tracer (inside ``jit``, ``grad``, ``scan``...)."""

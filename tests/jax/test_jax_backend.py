@@ -7,6 +7,7 @@ import failure is an error, not a skip.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -144,3 +145,29 @@ def test_shardings_are_kept_and_the_update_has_no_collective() -> None:
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip() == "ok 8"
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class _Block:
+    """A registered pytree node, as flax structs are."""
+
+    kernel: jax.Array
+    bias: jax.Array
+
+
+def test_registered_pytree_nodes_are_containers_with_named_leaves() -> None:
+    params = {"block": _Block(jnp.zeros((2, 2)), jnp.zeros(2)), "scale": jnp.ones(1)}
+    ema = emacore.EMA(0.5)
+    ema.apply(params)
+    params = jax.tree_util.tree_map(lambda x: x + 2.0, params)
+    ema.apply(params)
+    assert set(ema.state_dict()["leaves"]) == {"block/kernel", "block/bias", "scale"}
+    avg = ema.average(params)
+    assert isinstance(avg["block"], _Block)  # the same structure back
+    np.testing.assert_allclose(np.asarray(avg["block"].kernel), np.ones((2, 2)))
+    np.testing.assert_allclose(np.asarray(avg["scale"]), [2.0])
+    state = F.init(params)
+    state = F.update(state, jax.tree_util.tree_map(lambda x: x * 0, params), 0.5)
+    assert isinstance(F.average(state)["block"], _Block)
+    assert ema.average_name(params["block"].bias) == "block/bias/ExponentialMovingAverage"
