@@ -165,3 +165,11 @@ def peers(session: nox.Session) -> None:
         *session.posargs,
         env={"EMACORE_TEST_PEERS": "1", "EMACORE_TEST_BACKENDS": "torch"},
     )
+
+
+@nox.session(python=PY)
+def bench_jax(session: nox.Session) -> None:
+    """Benchmark the jax backend (CPU) against optax.ema, a hand-written jitted tree_map lerp and
+    a flat floor, all jitted with the state donated; prints a markdown report."""
+    session.install("-e", ".", "numpy>=1.26", *BACKEND_DEPS["jax"])
+    session.run("python", "benchmarks/bench_jax.py", *session.posargs)
