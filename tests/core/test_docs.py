@@ -1,7 +1,13 @@
-"""Every ```python block in docs/ runs (blocks of one page share a namespace, in order)."""
+"""Every code block of the docs runs (blocks of one page share a namespace, in order).
+
+```python blocks need numpy only and run in every session. Framework examples are tagged
+```py-torch or ```py-jax and run in the session whose ``EMACORE_TEST_BACKENDS`` names that
+framework (``py-tf`` blocks, TensorFlow code shown for comparison, never run).
+"""
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -10,18 +16,43 @@ import pytest
 import emacore
 
 DOCS = Path(__file__).parents[2] / "docs"
-PAGES = sorted(p for p in DOCS.rglob("*.md") if "```python" in p.read_text())
+REQUESTED = os.environ.get("EMACORE_TEST_BACKENDS", "")
+TAGS = ["python"] + [f"py-{lib}" for lib in ("torch", "jax") if lib in REQUESTED]
+CASES = [
+    (tag, page)
+    for tag in TAGS
+    for page in sorted(DOCS.rglob("*.md"))
+    if f"```{tag}\n" in page.read_text() or f"```{tag} " in page.read_text()
+]
 
 
-@pytest.mark.parametrize("page", PAGES, ids=[str(p.relative_to(DOCS)) for p in PAGES])
-def test_docs_page_blocks_run(page: Path) -> None:
+def _reset_framework_caches(tag: str) -> None:
+    if tag == "py-torch":
+        import torch
+
+        torch._dynamo.reset()  # compiled examples leave no caches behind
+    elif tag == "py-jax":
+        import jax
+
+        jax.clear_caches()
+
+
+@pytest.mark.parametrize(
+    ("tag", "page"), CASES, ids=[f"{tag}:{p.relative_to(DOCS)}" for tag, p in CASES]
+)
+def test_docs_page_blocks_run(tag: str, page: Path) -> None:
     namespace: dict[str, object] = {"__name__": f"__docs_{page.stem}__"}
+    text = page.read_text()
     try:
-        for code in re.findall(r"```python[^\n]*\n(.*?)```", page.read_text(), flags=re.S):
-            exec(compile(code, str(page), "exec"), namespace)
+        for match in re.finditer(rf"```{tag}[^\n]*\n(.*?)```", text, flags=re.S):
+            # pad with blank lines so tracebacks give the block's line numbers in the page
+            first = text.count("\n", 0, match.start(1))
+            exec(compile("\n" * first + match.group(1), str(page), "exec"), namespace)
     finally:
         emacore.reset_registry()
+        _reset_framework_caches(tag)
 
 
-def test_docs_have_runnable_pages() -> None:
-    assert len(PAGES) >= 3
+def test_every_requested_framework_has_a_page() -> None:
+    for tag in TAGS:
+        assert sum(1 for t, _ in CASES if t == tag) >= (3 if tag == "python" else 1), tag
