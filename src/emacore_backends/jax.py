@@ -146,7 +146,10 @@ class JaxBackend(ArrayAPIBackend):
     ) -> list[Any]:
         """New shadows from one compiled call; with ``inplace`` the old ones are donated."""
         shadows, params = list(shadows), list(params)
-        if any(map(_is_tracer, shadows)) or any(map(_is_tracer, params)) or _is_tracer(c):
+        # a trace makes every argument of the traced function a tracer: the first of each
+        # list tells (a concrete array mixed in merely gets a nested, non-donating jit)
+        traced = (shadows and _is_tracer(shadows[0])) or (params and _is_tracer(params[0]))
+        if traced or _is_tracer(c):
             # inside the caller's trace: inlined, and fused by XLA (see the module notes)
             return _update(shadows, params, c)
         if exact:
