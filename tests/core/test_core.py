@@ -69,10 +69,10 @@ def test_pytree_round_trip_and_names() -> None:
 
 def test_import_pulls_in_no_framework() -> None:
     code = (
-        "import sys, emacore\n"
+        "import sys, emacore, emacore.integrations.optax\n"
         "emacore.backends()\n"
-        "bad = [m for m in ('numpy', 'torch', 'jax', 'array_api_strict', 'array_api_compat')"
-        " if m in sys.modules]\n"
+        "frameworks = ('numpy', 'torch', 'jax', 'optax', 'array_api_strict', 'array_api_compat')\n"
+        "bad = [m for m in frameworks if m in sys.modules]\n"
         "print(','.join(bad))\n"
     )
     env = {"EMACORE_DISABLE_PLUGIN_AUTOLOAD": "1", "PATH": ""}

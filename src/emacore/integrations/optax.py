@@ -4,7 +4,8 @@
 updates an exponential moving average of the parameters *after* the step (``params +
 updates``). Put it last in a chain; `averages` reads the averages out of the optimizer state.
 The state is an `emacore.EMAState` with traceable counters, so the whole step jits and the
-decay schedule sees a traced step without recompiling.
+decay schedule sees a traced step without recompiling. optax is imported when `ema_params` is
+first called, as frameworks are everywhere in ``emacore``: importing this module loads none.
 
 Examples
 --------
@@ -21,10 +22,9 @@ Array([0.5, 0.5], dtype=float32)
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
-
-import jax
-import optax
 
 from emacore import functional
 from emacore._state import EMAState
@@ -44,7 +44,7 @@ def ema_params(
     *,
     zero_debias: bool = False,
     shadow_dtype: Any = None,
-) -> optax.GradientTransformation:
+) -> Any:
     """An optax transformation that keeps an EMA of the parameters after each step.
 
     Parameters
@@ -62,6 +62,7 @@ def ema_params(
         ``update(updates, state, params)`` needs ``params``; it returns ``updates``
         unchanged.
     """
+    optax = importlib.import_module("optax")  # on first use, not at import
 
     def init_fn(params: Any) -> EmaParamsState:
         return EmaParamsState(
@@ -91,15 +92,21 @@ def averages(opt_state: Any) -> Any:
     ValueError
         ``opt_state`` holds no `ema_params` state.
     """
-    found = [
-        s
-        for s in jax.tree_util.tree_leaves(
-            opt_state, is_leaf=lambda x: isinstance(x, EmaParamsState)
-        )
-        if isinstance(s, EmaParamsState)
-    ]
+    found = list(_ema_states(opt_state))
     if len(found) != 1:
         raise ValueError(
             f"expected one ema_params state in the optimizer state, found {len(found)}"
         )
     return functional.average(found[0].ema)
+
+
+def _ema_states(tree: Any) -> Iterator[EmaParamsState]:
+    """The `EmaParamsState` records in an optax state (tuples, named tuples, dicts)."""
+    if isinstance(tree, EmaParamsState):
+        yield tree
+    elif isinstance(tree, (list, tuple)):
+        for child in tree:
+            yield from _ema_states(child)
+    elif isinstance(tree, Mapping):
+        for child in tree.values():
+            yield from _ema_states(child)
