@@ -80,7 +80,9 @@ class _Group:
         self.specs = [(s.shape, s.dtype) for s in self.state.shadow]
         one = bool(self.backends) and self.backends.count(self.backends[0]) == len(self.backends)
         self.single: Backend | None = self.backends[0] if one else None
-        self.self_checking = self.single is not None and self.single.capabilities.self_checking
+        caps = self.single.capabilities if self.single is not None else None
+        self.self_checking = caps is not None and caps.self_checking
+        self.checks_signature = self.self_checking and caps is not None and caps.checks_signature
         self.all_idx = list(range(len(self.names)))
 
     def position(self, name: str) -> int:
@@ -560,7 +562,9 @@ class ExponentialMovingAverage:
             parts = [(group, group.all_idx)]
             # objects from the id cache were checked at an earlier step; a self-checking
             # backend re-checks them before writing (and the core names the leaf if it refuses)
-            trusted = fast and group.self_checking
+            trusted = (fast and group.self_checking) or (
+                group.checks_signature and group.backends == backends
+            )
             if not trusted:
                 _engine.check_pairs(
                     group.names,
@@ -814,8 +818,11 @@ class ExponentialMovingAverage:
 
     def _remember(self, names: Sequence[str], leaves: Sequence[Any]) -> None:
         """Remember (weakly) the objects last applied under each name, for average(leaf)."""
-        for nm, x in zip(names, leaves):
-            self._seen[nm] = _weak(x)
+        try:
+            self._seen.update(zip(names, map(weakref.ref, leaves)))
+        except TypeError:  # an array type without weak references
+            for nm, x in zip(names, leaves):
+                self._seen[nm] = _weak(x)
 
     # -- reading averages ------------------------------------------------------------------
 

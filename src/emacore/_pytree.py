@@ -67,16 +67,23 @@ def _is_container_type(t: type) -> bool:
     return _is_builtin_container(t) or bool(_FOREIGN.get(t))
 
 
-def is_flat_sequence(tree: Any) -> bool:
-    """True for a plain list or tuple (not a namedtuple) whose items are all leaves."""
-    if type(tree) not in (list, tuple, ShadowList):
-        return False
-    distinct = set(map(type, tree))
+def _leaves_only(items: Any) -> bool:
+    """True if no item is a container (asking once per new type whether it is one)."""
+    distinct = set(map(type, items))
     if not all(t in _FOREIGN or _is_builtin_container(t) for t in distinct):
-        for x in tree:  # first sight of a type: ask once whether it is a framework container
+        for x in items:  # first sight of a type: ask once whether it is a framework container
             if type(x) not in _FOREIGN and not _is_builtin_container(type(x)):
                 _is_foreign_node(x)
     return not any(_is_container_type(t) for t in distinct)
+
+
+def is_flat_sequence(tree: Any) -> bool:
+    """True for a plain list or tuple (not a namedtuple) whose items are all leaves."""
+    if isinstance(tree, ShadowList):
+        return True  # a backend made it: its items are arrays (reading them may cost)
+    if type(tree) not in (list, tuple):
+        return False
+    return _leaves_only(tree)
 
 
 def flatten(tree: Any) -> tuple[list[Any], Any]:
@@ -92,14 +99,14 @@ def flatten(tree: Any) -> tuple[list[Any], Any]:
     """
     if is_flat_sequence(tree):
         kind = "tuple" if type(tree) is tuple else "list"
-        return (tree if type(tree) is ShadowList else list(tree)), (kind, (LEAF,) * len(tree))
+        return (tree if isinstance(tree, ShadowList) else list(tree)), (kind, (LEAF,) * len(tree))
     leaves: list[Any] = []
     return leaves, _flatten_into(tree, leaves)
 
 
 def _sorted_keys(d: dict[Any, Any]) -> tuple[Any, ...]:
     keys = tuple(d)
-    if all(type(k) is str for k in keys):
+    if set(map(type, keys)) <= {str}:
         return tuple(sorted(keys))
     return keys
 
@@ -110,7 +117,11 @@ def _flatten_into(tree: Any, leaves: list[Any]) -> Any:
         return _NONE
     if issubclass(t, dict):
         keys = _sorted_keys(tree)
-        return ("dict", t, keys, tuple(_flatten_into(tree[k], leaves) for k in keys))
+        values = list(map(tree.__getitem__, keys))
+        if _leaves_only(values):  # the common innermost dict: no recursion per leaf
+            leaves.extend(values)
+            return ("dict", t, keys, (LEAF,) * len(keys))
+        return ("dict", t, keys, tuple(_flatten_into(v, leaves) for v in values))
     if issubclass(t, tuple) and _is_namedtuple(t):
         return ("namedtuple", t, tuple(_flatten_into(v, leaves) for v in tree))
     if issubclass(t, (list, tuple)):
@@ -128,7 +139,7 @@ def _flatten_into(tree: Any, leaves: list[Any]) -> Any:
 
 def unflatten(treedef: Any, leaves: list[Any]) -> Any:
     """Rebuild the container described by ``treedef`` from ``leaves`` (inverse of flatten)."""
-    if type(leaves) is ShadowList and treedef == ("list", (LEAF,) * len(leaves)):
+    if isinstance(leaves, ShadowList) and treedef == ("list", (LEAF,) * len(leaves)):
         return leaves
     it = iter(leaves)
     return _build(treedef, it)

@@ -44,6 +44,7 @@ class Capabilities:
     fused_update: bool = False
     one_device: bool = False
     self_checking: bool = False
+    checks_signature: bool = False
 
 
 @runtime_checkable

@@ -47,12 +47,17 @@ def test_one_compilation_per_structure_and_donated_shadows() -> None:
     before = jax_backend.TRACES
     ema.apply(params)
     assert before + 1 == jax_backend.TRACES
+    (group,) = ema._groups.values()
+    held = list(group.state.shadow.arrays)  # the two small leaves share one flat buffer
+    assert len(held) == 1 and held[0].shape == (13 * 11 + 17,)
     old = ema.average(params)["b"]
     for k in range(1, 6):
         params = {n: jnp.asarray(v + k, jnp.float32) for n, v in start.items()}
         ema.apply(params)
     assert before + 1 == jax_backend.TRACES  # no recompilation for five more updates
-    assert old.is_deleted()  # donated: no second copy of the model was kept
+    assert held[0].is_deleted()  # donated: no second copy of the model was kept
+    # an average handed out is a slice of the buffer: donation does not invalidate it
+    np.testing.assert_allclose(np.asarray(old), start["b"], rtol=1e-6)
     params["extra"] = jnp.zeros(19)
     ema.apply(params)  # a new leaf: its own group, compiled for its structure
     assert before + 2 == jax_backend.TRACES
@@ -171,3 +176,100 @@ def test_registered_pytree_nodes_are_containers_with_named_leaves() -> None:
     state = F.update(state, jax.tree_util.tree_map(lambda x: x * 0, params), 0.5)
     assert isinstance(F.average(state)["block"], _Block)
     assert ema.average_name(params["block"].bias) == "block/bias/ExponentialMovingAverage"
+
+
+def test_small_leaves_share_a_buffer_and_large_ones_keep_their_own() -> None:
+    rng = np.random.default_rng(3)
+    start = {
+        "big": rng.standard_normal(jax_backend.SMALL).astype(np.float32),
+        "w": rng.standard_normal((5, 7)).astype(np.float32),
+        "b": rng.standard_normal(7).astype(np.float32),
+        "h": rng.standard_normal((4, 2)).astype(np.float16),
+    }
+    new = {k: rng.standard_normal(v.shape).astype(v.dtype) for k, v in start.items()}
+    params = {k: jnp.asarray(v) for k, v in start.items()}
+    ema = emacore.EMA(0.9)
+    ema.apply(params)
+    (group,) = ema._groups.values()
+    shapes = sorted(a.shape for a in group.state.shadow.arrays)
+    # one float32 buffer (w, b and the float16 leaf's float32 shadow), and the large leaf
+    assert shapes == [(5 * 7 + 7 + 8,), (jax_backend.SMALL,)]
+    ema.apply({k: jnp.asarray(v) for k, v in new.items()})
+    avg = ema.average(params)
+    for k, v in start.items():
+        s0 = v.astype(np.float64)
+        ref = s0 + 0.1 * (new[k].astype(np.float64) - s0)
+        assert avg[k].dtype == jnp.float32
+        np.testing.assert_allclose(np.asarray(avg[k]), ref, rtol=1e-6, atol=1e-6)
+
+
+def test_a_mismatch_in_a_packed_group_names_the_leaf_and_changes_nothing() -> None:
+    params = {"a": jnp.ones(3), "b": jnp.ones(4)}
+    ema = emacore.EMA(0.5)
+    ema.apply(params)
+    (group,) = ema._groups.values()
+    held = group.state.shadow.arrays[0]
+    # the same total size, so only a per-leaf check can tell
+    with pytest.raises(emacore.LeafMismatchError, match="leaf 'a': shape"):
+        ema.apply({"a": jnp.zeros(4), "b": jnp.zeros(3)})
+    with pytest.raises(emacore.LeafMismatchError, match="leaf 'b': dtype"):
+        ema.apply({"a": jnp.zeros(3), "b": jnp.zeros(4, jnp.complex64)})
+    with pytest.raises(emacore.LeafMismatchError, match="leaf 'b': dtype int32"):
+        ema.apply({"a": jnp.zeros(3), "b": jnp.zeros(4, jnp.int32)})
+    with pytest.raises(emacore.LeafMismatchError, match="leaf 'a': got an array of backend"):
+        ema.apply({"a": np.zeros(3), "b": jnp.zeros(4)})
+    assert not held.is_deleted() and ema._groups[group.names].state.count == 1
+    np.testing.assert_array_equal(np.asarray(ema.average(params)["b"]), np.ones(4))
+    # a weak-typed parameter is not the compiled signature, but fits: it is averaged
+    ema.apply({"a": jnp.zeros(3), "b": jnp.asarray(3.0) * jnp.ones(4)})
+    np.testing.assert_array_equal(np.asarray(ema.average(params)["b"]), np.full(4, 2.0))
+
+
+def test_a_functional_state_with_packed_shadows_crosses_jit_with_donation() -> None:
+    rng = np.random.default_rng(4)
+    start = [rng.standard_normal(s).astype(np.float32) for s in [(3,), (2, 2), (5,)]]
+    state = F.init([jnp.asarray(v) for v in start], layout="flat")
+    assert isinstance(state.shadow, jax_backend._Packed)
+    step = jax.jit(lambda st, p: F.update(st, p, 0.75), donate_argnums=0)
+    buffer = state.shadow.arrays[0]
+    new = [rng.standard_normal(v.shape).astype(np.float32) for v in start]
+    state = step(state, [jnp.asarray(v) for v in new])
+    assert buffer.is_deleted() and isinstance(state.shadow, jax_backend._Packed)
+    for got, s0, v in zip(F.average(state), start, new):
+        np.testing.assert_array_equal(np.asarray(got), s0 - (s0 - v) * np.float32(0.25))
+
+
+def test_packs_are_per_device_and_a_moved_parameter_is_refused() -> None:
+    """Two host devices (a subprocess: the device count is fixed when jax starts)."""
+    code = textwrap.dedent(
+        """
+        import jax, jax.numpy as jnp, numpy as np
+        import emacore
+        d0, d1 = jax.devices()[:2]
+        params = {"x": jax.device_put(jnp.ones(3), d0), "y": jax.device_put(jnp.ones(2), d1),
+                  "z": jax.device_put(jnp.ones(2), d0)}
+        ema = emacore.EMA(0.5)
+        ema.apply(params)
+        (group,) = ema._groups.values()
+        assert sorted(a.shape for a in group.state.shadow.arrays) == [(2,), (5,)]
+        ema.apply({k: v * 3 for k, v in params.items()})
+        avg = ema.average(params)
+        assert avg["y"].devices() == {d1} and avg["x"].devices() == {d0}
+        np.testing.assert_array_equal(np.asarray(avg["y"]), [2.0, 2.0])
+        try:
+            ema.apply({**params, "x": jax.device_put(params["x"], d1)})
+        except emacore.LeafMismatchError as exc:
+            assert "leaf 'x': parameter is on device" in str(exc), exc
+        else:
+            raise AssertionError("a parameter moved to another device was accepted")
+        assert group.state.count == 2
+        np.testing.assert_array_equal(np.asarray(ema.average(params)["x"]), [2.0] * 3)
+        print("ok")
+        """
+    )
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "ok"
