@@ -77,7 +77,10 @@ class _Group:
     def __post_init__(self) -> None:
         self._index = {nm: i for i, nm in enumerate(self.names)}
         # shadows never change shape or dtype: keep them for the per-step checks
-        self.specs = [(s.shape, s.dtype) for s in self.state.shadow]
+        specs = getattr(self.state.shadow, "specs", None)  # a backend's layout may know them
+        self.specs = (
+            list(specs) if specs is not None else [(s.shape, s.dtype) for s in self.state.shadow]
+        )
         one = bool(self.backends) and self.backends.count(self.backends[0]) == len(self.backends)
         self.single: Backend | None = self.backends[0] if one else None
         caps = self.single.capabilities if self.single is not None else None

@@ -194,34 +194,51 @@ def create_shadows(
     single backend its list is returned as is: it may carry the backend's notes on how it
     laid the shadows out (see `emacore._pytree.ShadowList`).
     """
-    params = on_device(params, backends, device)
+    placing = device is not None and all(b.capabilities.places_params for b in backends)
+    if not placing:
+        params = on_device(params, backends, device)
     if dtypes is not None and any(dt is not None for dt in dtypes):
         params = [
             p if dt is None else b.namespace(p).astype(p, dt)
             for p, dt, b in zip(params, dtypes, backends)
         ]
+    where = device if placing else None
     if backends and backends.count(backends[0]) == len(backends):
-        made: list[Any] = _create(backends[0], list(params), zeros, layout)
+        made: list[Any] = _create(backends[0], list(params), zeros, layout, where)
         return made
     out: list[Any] = [None] * len(params)
     for backend in dict.fromkeys(backends):
         idx = [i for i, b in enumerate(backends) if b is backend]
-        made = _create(backend, [params[i] for i in idx], zeros, layout)
+        made = _create(backend, [params[i] for i in idx], zeros, layout, where)
         for i, s in zip(idx, made):
             out[i] = s
     return out
 
 
 def on_device(params: Sequence[Any], backends: Sequence[Backend], device: Any) -> list[Any]:
-    """The parameters moved to the (offloaded) shadows' device; as they are for None."""
+    """The parameters moved to the (offloaded) shadows' device; as they are for None.
+
+    A backend that places parameters itself (`Capabilities.places_params`) gets them as they
+    are: its update brings them over.
+    """
     if device is None:
         return list(params)
-    return [b.to_device(p, device) for p, b in zip(params, backends)]
+    return [
+        p if b.capabilities.places_params else b.to_device(p, device)
+        for p, b in zip(params, backends)
+    ]
 
 
-def _create(backend: Backend, params: list[Any], zeros: bool, layout: str) -> list[Any]:
+def _create(
+    backend: Backend, params: list[Any], zeros: bool, layout: str, device: Any = None
+) -> list[Any]:
+    if device is not None:  # a backend that places its shadows itself
+        made: list[Any] = backend.create_shadows(  # type: ignore[call-arg]
+            params, zeros=zeros, layout=layout, device=device
+        )
+        return made
     if layout == "auto":  # plugins written before layouts existed keep working
-        made: list[Any] = backend.create_shadows(params, zeros=zeros)
+        made = backend.create_shadows(params, zeros=zeros)
         return made
     try:
         made = backend.create_shadows(params, zeros=zeros, layout=layout)

@@ -45,6 +45,7 @@ class Capabilities:
     one_device: bool = False
     self_checking: bool = False
     checks_signature: bool = False
+    places_params: bool = False
 
 
 @runtime_checkable

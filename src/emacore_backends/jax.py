@@ -122,11 +122,11 @@ class _Part:
         specs: list[tuple[tuple[int, ...], Any]],
         packs: list[list[int]],
         large: list[int],
-        devices: frozenset[Any],
+        homes: list[Any],
+        moves: bool,
     ) -> None:
         self.leaves = tuple(leaves)  # positions in the whole list
         self.specs = specs
-        self.devices = devices
         self.packs = [
             (
                 tuple(pos),
@@ -140,13 +140,48 @@ class _Part:
         ]
         self.large = tuple(large)
         self.width = len(self.packs) + len(self.large)  # arrays held
+        # where each array (packs, then large) lives, and where its arithmetic runs: shadows
+        # offloaded to host memory come over to device memory inside the compiled update
+        self.homes = homes
+        self.computes = [_in_device_memory(h) for h in homes]
+        self.offloaded = self.computes != self.homes
+        self.devices = frozenset(homes[0].device_set) if homes else frozenset()
+        # with the EMA's ``device`` option, parameters are brought to their shadows' devices
+        targets: list[Any] = [None] * len(specs)
+        for (pos, _, _), where in zip(self.packs, self.computes):
+            for i in pos:
+                targets[i] = where
+        for i, where in zip(self.large, self.computes[len(self.packs) :]):
+            targets[i] = where
+        self.targets = targets if moves else None
         self.jitted = {
             True: jax.jit(self.update, donate_argnums=0),
             False: jax.jit(self.update),
         }
         self.differences = jax.jit(
-            lambda arrays, params: [a - b for a, b in zip(arrays, self.gather(params))]
+            lambda arrays, params: [a - b for a, b in zip(self.fetch(arrays), self.gather(params))]
         )
+        self.subtract = {
+            inplace: jax.jit(
+                lambda arrays, deltas: self.store(
+                    [a - d for a, d in zip(self.fetch(arrays), deltas)]
+                ),
+                donate_argnums=0 if inplace else 1,
+            )
+            for inplace in (True, False)
+        }
+
+    def fetch(self, arrays: list[Any]) -> list[Any]:
+        """The shadows in device memory (a transfer inside the computation when offloaded)."""
+        if not self.offloaded:
+            return arrays
+        return [jax.device_put(a, where) for a, where in zip(arrays, self.computes)]
+
+    def store(self, arrays: list[Any]) -> list[Any]:
+        """New shadows back where they live."""
+        if not self.offloaded:
+            return arrays
+        return [jax.device_put(a, home) for a, home in zip(arrays, self.homes)]
 
     def gather(self, params: Sequence[Any]) -> list[Any]:
         """The parameters laid out like the shadows: one flat array per pack, then the large.
@@ -163,7 +198,7 @@ class _Part:
 
     def update(self, arrays: list[Any], params: Sequence[Any], c: Any) -> list[Any]:
         """The update of every shadow: concatenation and arithmetic fuse into one loop."""
-        return _update(arrays, self.gather(params), c)
+        return self.store(_update(self.fetch(arrays), self.gather(params), c))
 
     def slices(self, flats: list[Any]) -> list[list[Any]]:
         """Each pack's buffer cut back into its leaves' shapes."""
@@ -179,6 +214,8 @@ class _Part:
     def check(self, params: Sequence[Any]) -> None:
         """Raise ValueError unless every parameter fits its shadow and is on its devices."""
         _check_specs(self.specs, params)
+        if self.targets is not None:
+            return  # they will be moved
         for i, p in enumerate(params):
             if frozenset(p.devices()) != self.devices:
                 raise ValueError(f"parameter #{self.leaves[i]} is not on its shadow's devices")
@@ -187,10 +224,11 @@ class _Part:
         self, arrays: list[Any], params: list[Any], c: Any, inplace: bool, exact: bool
     ) -> list[Any]:
         """The update, concrete: jitted, so a mismatch raises before anything is donated."""
+        if self.targets is not None:  # one batched transfer (arrays in place stay put)
+            params = jax.device_put(params, self.targets)
         if exact:
             deltas = _scaled(self.differences(arrays, params), c)
-            subtract = _subtract_donating if inplace else _subtract_keeping
-            return list(subtract(arrays, deltas))
+            return list(self.subtract[inplace](arrays, deltas))
         return list(self.jitted[inplace](arrays, params, c))
 
 
@@ -232,6 +270,11 @@ class _Packed(ShadowList):
             return
         for part, arrays in zip(self.plan.parts, self.plan.split(self.arrays)):
             flats = list(arrays[: len(part.packs)])
+            large = list(arrays[len(part.packs) :])
+            if part.offloaded and not any(_is_tracer(a) for a in arrays):
+                # read into device memory, where averages are used (and eager math works)
+                flats = jax.device_put(flats, part.computes[: len(flats)])
+                large = jax.device_put(large, part.computes[len(flats) :])
             if flats and any(_is_tracer(f) for f in flats):
                 cuts = part.slices(flats)  # inlined into the caller's computation
             else:
@@ -244,9 +287,18 @@ class _Packed(ShadowList):
             for (pos, _, _), pieces in zip(part.packs, cuts):
                 for i, piece in zip(pos, pieces):
                     list.__setitem__(self, part.leaves[i], piece)
-            for i, a in zip(part.large, arrays[len(part.packs) :]):
+            for i, a in zip(part.large, large):
                 list.__setitem__(self, part.leaves[i], a)
         self.fresh = True
+
+    @property
+    def specs(self) -> list[tuple[tuple[int, ...], Any]]:
+        """Every shadow's (shape, dtype), without slicing anything out of the buffers."""
+        out: list[Any] = [None] * self.plan.n
+        for part in self.plan.parts:
+            for i, spec in zip(part.leaves, part.specs):
+                out[i] = spec
+        return out
 
     def __getitem__(self, i: Any) -> Any:
         self._fill()
@@ -268,37 +320,86 @@ jax.tree_util.register_pytree_node(
 )
 
 
-def _layout(params: Sequence[Any], layout: str, zeros: bool) -> _Packed:
+def _in_device_memory(sharding: Any) -> Any:
+    kind = getattr(sharding, "memory_kind", None)
+    if kind is None or kind == "device":
+        return sharding
+    return sharding.with_memory_kind("device")
+
+
+def _target(p: Any, device: Any) -> Any:
+    """Where the shadow of ``p`` lives, for the EMA's ``device`` option (a sharding)."""
+    if device is None:
+        return p.sharding
+    if isinstance(device, jax.sharding.Sharding):
+        return device
+    if isinstance(device, jax.Device):
+        return jax.sharding.SingleDeviceSharding(device)
+    if isinstance(device, str):
+        if device in _MEMORY_KINDS:
+            # the parameter's own sharding, in another memory of the same devices
+            for d in p.sharding.device_set:
+                kinds = [m.kind for m in d.addressable_memories()]
+                if device not in kinds:
+                    raise ValueError(
+                        f"jax backend: device={device!r} is a memory kind the {d.platform} "
+                        f"device {d} does not have (it has {kinds})"
+                    )
+            return p.sharding.with_memory_kind(device)
+        try:
+            return jax.sharding.SingleDeviceSharding(jax.devices(device)[0])
+        except RuntimeError as exc:
+            raise ValueError(
+                f"jax backend: device={device!r} is neither a memory kind "
+                f"({', '.join(_MEMORY_KINDS)}) nor an available platform ({exc})"
+            ) from None
+    raise ValueError(
+        f"jax backend: device={device!r} must be a jax Device, a Sharding, a platform name "
+        f"('cpu') or a memory kind ({', '.join(_MEMORY_KINDS)})"
+    )
+
+
+_MEMORY_KINDS = ("pinned_host", "unpinned_host", "device")
+
+
+def _zeros(shape: Any, dtype: Any, where: Any) -> Any:
+    compute = _in_device_memory(where)
+    z = jnp.zeros(shape, dtype, device=compute)
+    return z if compute is where else jax.device_put(z, where)
+
+
+def _layout(params: Sequence[Any], layout: str, zeros: bool, device: Any = None) -> _Packed:
     """New shadows for ``params`` (concrete), laid out per device set, `SMALL` and ``layout``.
 
     Every buffer starts at zero; copies are then made by the update itself with ``c = 1``
     (``0 - (0 - p)·1`` is ``p`` exactly), so creating the shadows compiles nothing the
     training loop's first step would not compile anyway.
     """
+    homes = [_target(p, device) for p in params]
     by_devices: dict[frozenset[Any], list[int]] = {}
-    for i, x in enumerate(params):
-        by_devices.setdefault(frozenset(x.devices()), []).append(i)
+    for i, where in enumerate(homes):
+        by_devices.setdefault(frozenset(where.device_set), []).append(i)
     parts, arrays = [], []
-    for devices, leaves in by_devices.items():
+    for leaves in by_devices.values():
         local = [params[i] for i in leaves]
         packs: dict[tuple[Any, Any], list[int]] = {}
         large = []
-        for j, x in enumerate(local):
+        for j, i in enumerate(leaves):
+            x, where = params[i], homes[i]
             if (
                 layout == "separate"
                 or (layout == "auto" and x.size >= SMALL)
-                or not isinstance(x.sharding, jax.sharding.SingleDeviceSharding)
+                or not isinstance(where, jax.sharding.SingleDeviceSharding)
             ):
                 large.append(j)
             else:
-                packs.setdefault((x.sharding, x.dtype), []).append(j)
+                packs.setdefault((where, x.dtype), []).append(j)
         specs = [(tuple(x.shape), x.dtype) for x in local]
-        part = _Part(leaves, specs, list(packs.values()), large, devices)
-        made = [
-            jnp.zeros(sum(sizes), dtype, device=sharding)
-            for ((sharding, dtype), (_, _, sizes)) in zip(packs, part.packs)
-        ]
-        made += [jnp.zeros(local[j].shape, local[j].dtype, device=local[j].sharding) for j in large]
+        part_homes = [where for where, _ in packs] + [homes[leaves[j]] for j in large]
+        part = _Part(leaves, specs, list(packs.values()), large, part_homes, device is not None)
+        sizes = [sum(s) for _, _, s in part.packs] + [local[j].shape for j in large]
+        dtypes = [dt for _, dt in packs] + [local[j].dtype for j in large]
+        made = [_zeros(n, dt, where) for n, dt, where in zip(sizes, dtypes, part_homes)]
         if not zeros:
             made = part.run(made, local, 1.0, inplace=True, exact=False)
         parts.append(part)
@@ -344,6 +445,7 @@ class JaxBackend(ArrayAPIBackend):
                 fused_update=True,
                 self_checking=True,
                 checks_signature=True,
+                places_params=True,
             ),
         )
 
@@ -364,9 +466,15 @@ class JaxBackend(ArrayAPIBackend):
         return bool(jnp.issubdtype(x.dtype, jnp.floating))
 
     def create_shadows(
-        self, params: Sequence[Any], *, zeros: bool, layout: str = "auto"
+        self, params: Sequence[Any], *, zeros: bool, layout: str = "auto", device: Any = None
     ) -> list[Any]:
         """Return copies (or zeros) with each parameter's sharding, laid out per ``layout``.
+
+        ``device`` (the EMA's option) places them elsewhere: a memory kind such as
+        ``"pinned_host"`` keeps each parameter's sharding in that memory of the same devices
+        (host offload; the update brings the shadows over and back inside its computation),
+        and a platform name (``"cpu"``), a ``jax.Device`` or a ``Sharding`` moves them there
+        (each update then brings the parameters over).
 
         ``"auto"``: parameters under `SMALL` elements on one device share a flat buffer per
         (device, dtype); ``"flat"``: every single-device parameter does; ``"separate"``: each
@@ -379,7 +487,7 @@ class JaxBackend(ArrayAPIBackend):
             )
         if any(_is_tracer(p) for p in params):
             return [jnp.zeros_like(p) if zeros else jnp.copy(p) for p in params]
-        return _layout(params, layout, zeros)
+        return _layout(params, layout, zeros, device)
 
     def update(
         self,
@@ -456,8 +564,8 @@ class JaxBackend(ArrayAPIBackend):
         return _is_tracer(x)
 
     def to_device(self, x: Any, device: Any) -> Any:
-        """Return ``x`` placed on ``device`` (a device or a sharding)."""
-        return jax.device_put(x, device)
+        """Return ``x`` placed per ``device`` (as the EMA's ``device`` option reads it)."""
+        return jax.device_put(x, _target(x, device))
 
     def to_host(self, x: Any) -> Any:
         """Return the array fetched to the host."""

@@ -141,6 +141,18 @@ def test_shardings_are_kept_and_the_update_has_no_collective() -> None:
         np.testing.assert_allclose(np.asarray(avg), np.asarray(w) + 1.0)
         hlo = jb._update_keeping.lower([avg], [w], 0.5).compile().as_text()
         assert not any(op in hlo for op in ("all-gather", "all-reduce", "collective-permute")), hlo
+        (group,) = ema._groups.values()
+        part = group.state.shadow.plan.parts[0]
+        hlo = part.jitted[True].lower(group.state.shadow.arrays, [w], 0.5).compile().as_text()
+        assert not any(op in hlo for op in ("all-gather", "all-reduce", "collective-permute")), hlo
+        # offloaded to pinned host memory: still sharded the same way
+        off = emacore.EMA(0.5, device="pinned_host")
+        off.apply({"w": w})
+        off.apply({"w": w + 2.0})
+        (group,) = off._groups.values()
+        (shadow,) = group.state.shadow.arrays
+        assert shadow.sharding == sharding.with_memory_kind("pinned_host"), shadow.sharding
+        np.testing.assert_allclose(np.asarray(off.average({"w": w})["w"]), np.asarray(w) + 1.0)
         print("ok", len(jax.devices()))
         """
     )
@@ -273,3 +285,48 @@ def test_packs_are_per_device_and_a_moved_parameter_is_refused() -> None:
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip() == "ok"
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_pinned_host_offload_keeps_shadows_in_host_memory(exact: bool) -> None:
+    rng = np.random.default_rng(5)
+    start = {
+        "w": rng.standard_normal((6, 4)).astype(np.float32),
+        "big": rng.standard_normal(jax_backend.SMALL + 1).astype(np.float32),
+    }
+    steps = [{k: rng.standard_normal(v.shape).astype(np.float32) for k, v in start.items()}]
+    steps.append({k: rng.standard_normal(v.shape).astype(np.float32) for k, v in start.items()})
+    ema = emacore.EMA(0.75, device="pinned_host", exact=exact, zero_debias=True)
+    ema.apply({k: jnp.asarray(v) for k, v in start.items()})
+    (group,) = ema._groups.values()
+    for step in steps:
+        held = list(group.state.shadow.arrays)
+        assert {a.sharding.memory_kind for a in held} == {"pinned_host"}
+        ema.apply({k: jnp.asarray(v) for k, v in step.items()})  # params in device memory
+        assert all(a.is_deleted() for a in held)  # donated: no second copy in host memory
+    avg = ema.average({k: jnp.asarray(v) for k, v in start.items()})
+    for k, v in start.items():
+        ref = np.zeros_like(v, dtype=np.float64)  # zero-debiased: starts at zero
+        for x in (v, *(s[k] for s in steps)):
+            ref = ref - (ref - x.astype(np.float64)) * 0.25
+        ref /= 1 - 0.75**3
+        assert avg[k].sharding.memory_kind == "device"  # read back where it is used
+        np.testing.assert_allclose(np.asarray(avg[k]), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_offload_options_that_do_not_exist_are_refused() -> None:
+    params = {"w": jnp.ones(3)}
+    with pytest.raises(ValueError, match=r"jax backend: device='hbm' is neither a memory kind"):
+        emacore.EMA(0.5, device="hbm").apply(params)
+    with pytest.raises(ValueError, match=r"jax backend: device=3 must be a jax Device"):
+        emacore.EMA(0.5, device=3).apply(params)
+
+
+def test_functional_state_offloaded_to_pinned_host() -> None:
+    params = [jnp.full(5, 2.0), jnp.ones((2, 3))]
+    state = F.init(params, device="pinned_host")
+    assert {a.sharding.memory_kind for a in state.shadow.arrays} == {"pinned_host"}
+    state = F.update(state, [p + 4.0 for p in params], 0.5)
+    got = F.average(state)
+    np.testing.assert_array_equal(np.asarray(got[0]), np.full(5, 4.0))
+    np.testing.assert_array_equal(np.asarray(got[1]), np.full((2, 3), 3.0))
