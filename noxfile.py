@@ -17,7 +17,13 @@ PY = "3.11"  # torch==2.13.0 (the CPU build on this machine's disk) exists for 3
 TORCH = "torch==2.13.0"
 PLUGIN_PKG = "tests/plugins/emacore_toy_plugin"
 
-TEST_DEPS = ["pytest>=8", "hypothesis>=6.100", "numpy>=1.26", "array-api-strict>=2.3"]
+TEST_DEPS = [
+    "pytest>=8",
+    "hypothesis>=6.100",
+    "numpy>=1.26",
+    "array-api-strict>=2.3",
+    "pandas>=2.2",  # the reference for ewm-style averages (times=, adjust=)
+]
 BACKEND_DEPS = {
     "numpy": [],
     "array_api_strict": [],

@@ -153,6 +153,13 @@ class ExponentialMovingAverage:
     frozen : {"copy", "average", "skip"}
         What ``apply(module)`` does with parameters that do not require grad. Copying (the
         default) gives the same result as averaging a parameter that never changes, for free.
+    update_every : int
+        Update on the first ``apply`` and then on every ``update_every``-th call only, with
+        the decay raised to ``decay ** update_every`` so the average decays as if every
+        step had been applied (ema-pytorch's ``update_every``, compensated). The calls in
+        between return at once, without looking at the arrays (so ``average(array)`` knows
+        the arrays of the last update; containers are looked up by name). The schedule
+        sees the number of updates made (pass ``num_updates`` to schedule by training step).
     include, exclude : str, sequence of str, or callable, optional
         Select leaves by name (key path or parameter name): a glob pattern (``"encoder.*"``),
         several, or a predicate ``name -> bool``. A leaf is tracked if it matches ``include``
@@ -193,6 +200,7 @@ class ExponentialMovingAverage:
         frozen: str = "copy",
         include: str | Sequence[str] | Callable[[str], bool] | None = None,
         exclude: str | Sequence[str] | Callable[[str], bool] | None = None,
+        update_every: int = 1,
     ) -> None:
         if compat not in COMPAT_MODES:
             raise ValueError(f"compat must be one of {COMPAT_MODES}, got {compat!r}")
@@ -250,6 +258,15 @@ class ExponentialMovingAverage:
             raise ValueError(f"layout must be 'auto', 'flat' or 'separate', got {layout!r}")
         self._layout = layout
         self._device = device
+        if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
+            raise ValueError(f"update_every must be an int >= 1, got {update_every!r}")
+        if update_every > 1 and compat == "tensorflow":
+            raise ValueError(
+                "update_every has no TensorFlow equivalent: use compat='default' with it"
+            )
+        self._every = update_every
+        self._calls = 0
+        self._dt: Any = None  # this apply's time step (None: one step)
         self._include = _name_filter("include", include)
         self._exclude = _name_filter("exclude", exclude)
         self._copies: dict[str, tuple[Any, Backend]] = {}
@@ -289,7 +306,7 @@ class ExponentialMovingAverage:
 
     # -- apply ---------------------------------------------------------------------------
 
-    def apply(self, var_list: Any) -> None:
+    def apply(self, var_list: Any, *, dt: float | None = None) -> None:
         """Create shadows for new leaves, then update every leaf's shadow.
 
         Parameters
@@ -298,6 +315,10 @@ class ExponentialMovingAverage:
             The current parameters. A plain list/tuple of mutable arrays (numpy, torch) is
             tracked by array identity, as TF tracks variables; immutable arrays (JAX) in a plain
             list by position; leaves in a dict or nested container by their key path.
+        dt : float, optional
+            Steps (or time, in the schedule's unit) since the last update, for irregular
+            updates: the decay becomes ``decay ** dt``, pandas' ``ewm(times=...)`` (default:
+            one step, or ``update_every``).
 
         Raises
         ------
@@ -316,6 +337,19 @@ class ExponentialMovingAverage:
         """
         if var_list is None:
             raise TypeError("apply() needs the variables to average (an array or a container)")
+        if self._every > 1:
+            self._calls += 1
+            if (self._calls - 1) % self._every:
+                return  # between updates
+            if dt is None:
+                dt = self._every
+        self._dt = dt
+        try:
+            self._apply(var_list)
+        finally:
+            self._dt = None
+
+    def _apply(self, var_list: Any) -> None:
         if type(var_list) in (list, tuple):
             # The training loop's case: the same arrays, updated in place, every step. Their
             # ids identify the group with no flattening, type or name lookups; the cache is
@@ -612,7 +646,9 @@ class ExponentialMovingAverage:
         for part_group, _ in parts:
             count = part_group.state.count if part_group is not None else 0
             decays.append(
-                _engine.step_decay(self._schedule, count if n is None else n, self._compat)
+                _engine.step_decay(
+                    self._schedule, count if n is None else n, self._compat, self._dt
+                )
             )
         for part_group, _ in parts:
             if part_group is None:
@@ -1129,6 +1165,7 @@ class ExponentialMovingAverage:
             "schedule": spec() if spec is not None else repr(self._schedule),
             "leaves": leaves,
             "copies": copies,
+            "calls": self._calls,
         }
 
     def load_state_dict(self, state: Mapping[str, Any], strict: bool = True) -> LoadResult:
@@ -1153,6 +1190,9 @@ class ExponentialMovingAverage:
         """
         leaves = parse_leaves(state, self._zero_debias, self._compat)
         loaded_copies = parse_copies(state)
+        calls = state.get("calls", 0)  # apply() calls so far, for update_every
+        if isinstance(calls, bool) or not isinstance(calls, int) or calls < 0:
+            raise StateDictError(f"'calls' must be an int >= 0, got {calls!r}")
         current = set(self._where) | set(self._copies)
         saved = set(leaves) | set(loaded_copies)
         missing = sorted(current - saved) if current else []
@@ -1186,6 +1226,7 @@ class ExponentialMovingAverage:
         )
         # nothing above changed this EMA; from here on nothing can fail
         self._install(keep, shadows, backends, set(missing))
+        self._calls = calls
         self._copies = {nm: rec for nm, rec in self._copies.items() if nm in missing}
         for (nm, _), arr, b in zip(kept_copies.items(), new_copies, copy_backends):
             self._copies[nm] = (arr, b)

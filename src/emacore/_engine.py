@@ -9,6 +9,7 @@ and nothing else does the math.
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Sequence
 from typing import Any
@@ -261,9 +262,34 @@ def check_writable(
         backend.check_writable([shadows[i] for i in idx], [names[i] for i in idx])
 
 
-def step_decay(decay: Any, step: Any, compat: str) -> Any:
-    """The decay for an update at ``step``: a number is constant; a schedule is evaluated."""
-    return decay_at(as_schedule(decay), step, compat)
+def step_decay(decay: Any, step: Any, compat: str, dt: Any = None) -> Any:
+    """The decay for an update at ``step``: a number is constant; a schedule is evaluated.
+
+    ``dt`` (time since the last update, in steps; None: 1) raises it to ``decay ** dt``, so
+    an update every k steps, or at irregular times, decays as k (or ``dt``) steps would
+    (pandas' ``ewm(times=...)``).
+    """
+    d = decay_at(as_schedule(decay), step, compat)
+    if dt is None:
+        return d
+    if compat == "tensorflow":
+        raise ValueError(
+            "dt and update_every have no TensorFlow equivalent: use compat='default' with them"
+        )
+    if hasattr(dt, "shape"):  # a traced time step: no Python checks on its value
+        return d**dt
+    if isinstance(dt, (bool, str, bytes)):
+        raise TypeError(f"dt must be a real number, got {dt!r}")
+    if not isinstance(dt, (int, float)):
+        try:
+            dt = float(dt)
+        except (TypeError, ValueError):
+            raise TypeError(f"dt must be a real number, got {dt!r}") from None
+    if not math.isfinite(dt) or dt < 0:
+        raise ValueError(
+            f"dt must be a finite number >= 0 (steps since the last update), got {dt!r}"
+        )
+    return d if dt == 1 else d**dt
 
 
 def apply_update(

@@ -145,6 +145,7 @@ def update(
     decay: float | Schedule,
     *,
     step: Any = None,
+    dt: Any = None,
     inplace: bool = False,
     backend: str | Backend | None = None,
     exact: bool | None = None,
@@ -161,6 +162,9 @@ def update(
         A constant decay in [0, 1], or a schedule called with ``step``.
     step : int, optional
         The step a schedule is evaluated at; default ``state.count``.
+    dt : float or 0-d array, optional
+        Steps (or time) since the last update: the decay becomes ``d ** dt`` (an update
+        every k steps, or pandas' ``ewm(times=...)`` for irregular ones). Default: one.
     inplace : bool
         Write into the shadow arrays where the backend can (numpy, torch); the returned state
         then shares them. Default False: inputs are not modified.
@@ -197,7 +201,7 @@ def update(
     if p_def != s_def:
         raise StructureError(_structure_diff(s_def, p_def))
     names = _pytree.leaf_names(s_def)
-    d = step_decay(decay, state.count if step is None else step, state.compat)
+    d = step_decay(decay, state.count if step is None else step, state.compat, dt)
     s_backends = resolve_backends(s_leaves, names, backend)
     p_backends = resolve_backends(p_leaves, names, backend)
     check_pairs(

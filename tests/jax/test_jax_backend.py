@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from typing import Any
 
 import numpy as np
 import pytest
@@ -330,3 +331,19 @@ def test_functional_state_offloaded_to_pinned_host() -> None:
     got = F.average(state)
     np.testing.assert_array_equal(np.asarray(got[0]), np.full(5, 4.0))
     np.testing.assert_array_equal(np.asarray(got[1]), np.full((2, 3), 3.0))
+
+
+def test_a_traced_time_step_inside_jit() -> None:
+    params = {"w": jnp.zeros(3, jnp.float32)}
+    state = F.init(params, traceable=True)
+
+    @jax.jit
+    def step(state: emacore.EMAState, params: dict[str, jax.Array], dt: jax.Array) -> Any:
+        return F.update(state, params, 0.5, dt=dt)
+
+    for dt, value in ((2.0, 4.0), (0.5, 1.0)):
+        state = step(state, {"w": jnp.full(3, value, jnp.float32)}, jnp.float32(dt))
+    ref = 0.0
+    for dt, value in ((2.0, 4.0), (0.5, 1.0)):
+        ref = ref + (value - ref) * (1 - 0.5**dt)
+    np.testing.assert_allclose(np.asarray(F.average(state)["w"]), np.full(3, ref), rtol=1e-6)
