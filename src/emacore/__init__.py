@@ -26,6 +26,7 @@ from emacore.errors import (
     ImmutableArrayError,
     LeafDTypeError,
     LeafMismatchError,
+    NonFiniteError,
     PluginWarning,
     ReadOnlyError,
     StateDictError,
@@ -66,10 +67,25 @@ __all__ = [
     "StructureError",
     "ReadOnlyError",
     "ImmutableArrayError",
+    "NonFiniteError",
     "StateDictError",
     "UnknownBackendError",
     "BackendConflictError",
     "EMAWarning",
     "PluginWarning",
     "__version__",
+]
+
+# Portable checkpoints (safetensors + JSON, never pickle) and importers from peer libraries.
+from emacore import checkpoint, importers
+from emacore.checkpoint import CheckpointError, load, load_into, load_state, save
+
+__all__ += [
+    "checkpoint",
+    "save",
+    "load",
+    "load_into",
+    "load_state",
+    "CheckpointError",
+    "importers",
 ]

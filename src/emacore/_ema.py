@@ -36,6 +36,7 @@ from emacore.errors import (
     EMAError,
     EMAWarning,
     ImmutableArrayError,
+    NonFiniteError,
     StateDictError,
     StructureError,
 )
@@ -99,6 +100,10 @@ def _weak(x: Any) -> Callable[[], Any]:
         return lambda: x
 
 
+class _Skipped(Exception):  # noqa: N818 (control flow, not an error)
+    """Internal: ``nonfinite="skip"`` abandons this apply before anything changed."""
+
+
 class ExponentialMovingAverage:
     """Maintain moving averages of variables with exponential decay, as TensorFlow does.
 
@@ -153,6 +158,13 @@ class ExponentialMovingAverage:
     frozen : {"copy", "average", "skip"}
         What ``apply(module)`` does with parameters that do not require grad. Copying (the
         default) gives the same result as averaging a parameter that never changes, for free.
+    nonfinite : {"ignore", "skip", "raise"}
+        What ``apply`` does when a parameter holds NaN or infinity, decided for the whole
+        update: ``"skip"`` leaves every shadow and counter as it was (counted in
+        `skipped_updates`, the leaves named in `last_nonfinite`, and an `EMAWarning` the
+        first time), ``"raise"`` raises `emacore.errors.NonFiniteError` naming the leaves,
+        before anything changes. ``"ignore"`` (default) does not look: the check reads
+        every parameter once more and waits for the device.
     update_every : int
         Update on the first ``apply`` and then on every ``update_every``-th call only, with
         the decay raised to ``decay ** update_every`` so the average decays as if every
@@ -201,6 +213,7 @@ class ExponentialMovingAverage:
         include: str | Sequence[str] | Callable[[str], bool] | None = None,
         exclude: str | Sequence[str] | Callable[[str], bool] | None = None,
         update_every: int = 1,
+        nonfinite: str = "ignore",
     ) -> None:
         if compat not in COMPAT_MODES:
             raise ValueError(f"compat must be one of {COMPAT_MODES}, got {compat!r}")
@@ -264,6 +277,15 @@ class ExponentialMovingAverage:
             raise ValueError(
                 "update_every has no TensorFlow equivalent: use compat='default' with it"
             )
+        if nonfinite not in _engine.NONFINITE_POLICIES:
+            raise ValueError(
+                f"nonfinite must be one of {_engine.NONFINITE_POLICIES}, got {nonfinite!r}"
+            )
+        self._nonfinite = nonfinite
+        self.skipped_updates = 0
+        """How many updates ``nonfinite="skip"`` skipped."""
+        self.last_nonfinite: list[str] = []
+        """The leaves that held NaN or infinity at the last update that found any."""
         self._every = update_every
         self._calls = 0
         self._dt: Any = None  # this apply's time step (None: one step)
@@ -346,6 +368,8 @@ class ExponentialMovingAverage:
         self._dt = dt
         try:
             self._apply(var_list)
+        except _Skipped:
+            pass  # nonfinite="skip": nothing changed, and that was counted
         finally:
             self._dt = None
 
@@ -660,6 +684,9 @@ class ExponentialMovingAverage:
                     part_group.state.shadow, part_group.names, part_group.backends
                 )
 
+        if self._nonfinite != "ignore":
+            self._guard_nonfinite(names, leaves, backends)
+
         # 2. Commit: create shadows, regroup, update.
         if group is None:
             names = self._commit_new(names, leaves, backends, new_idx, pending)
@@ -695,6 +722,30 @@ class ExponentialMovingAverage:
                 raise
             g.state = g.state.replace(shadow=new, **_engine.advance(g.state, d))
         return names if fast else list(names)
+
+    def _guard_nonfinite(
+        self, names: Sequence[Any], leaves: Sequence[Any], backends: Sequence[Backend]
+    ) -> None:
+        shown = [self._display(nm, i) for i, nm in enumerate(names)]
+        bad = _engine.nonfinite_leaves(leaves, backends, shown)
+        if not bad:
+            return
+        self.last_nonfinite = bad
+        if self._nonfinite == "raise":
+            raise NonFiniteError(
+                f"parameters hold NaN or infinity: {bad[:10]}"
+                + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+                + "; no shadow was updated"
+            )
+        self.skipped_updates += 1
+        if self.skipped_updates == 1:
+            warnings.warn(
+                f"skipped an EMA update: parameters hold NaN or infinity ({bad[:5]}); "
+                "further skips are counted in ema.skipped_updates without a warning",
+                EMAWarning,
+                stacklevel=4,
+            )
+        raise _Skipped
 
     def _display(self, name: Any, i: int) -> str:
         return name if isinstance(name, str) else f"new array #{i} of the list"

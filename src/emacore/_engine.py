@@ -23,6 +23,9 @@ from emacore.errors import LeafDTypeError, LeafMismatchError
 from emacore.schedules import as_schedule
 
 __all__ = [
+    "NONFINITE_POLICIES",
+    "nonfinite_leaves",
+    "traced_all_finite",
     "advance",
     "apply_update",
     "averages",
@@ -260,6 +263,37 @@ def check_writable(
     for backend in dict.fromkeys(backends):
         idx = [i for i, b in enumerate(backends) if b is backend]
         backend.check_writable([shadows[i] for i in idx], [names[i] for i in idx])
+
+
+NONFINITE_POLICIES = ("ignore", "skip", "raise")
+
+
+def nonfinite_leaves(
+    params: Sequence[Any], backends: Sequence[Backend], names: Sequence[str]
+) -> list[str]:
+    """The names of the parameters that hold NaN or infinity (one backend call each)."""
+    bad: list[str] = []
+    for backend in dict.fromkeys(backends):
+        idx = [i for i, b in enumerate(backends) if b is backend]
+        check = getattr(backend, "all_finite", None)
+        if check is None:  # a plugin without it: the portable check
+            from emacore._generic import GENERIC
+
+            check = GENERIC.all_finite
+        mine = params if len(idx) == len(params) else [params[i] for i in idx]
+        bad += [names[i] for i, ok in zip(idx, check(mine)) if not ok]
+    order = {nm: i for i, nm in enumerate(names)}
+    return sorted(bad, key=order.__getitem__)
+
+
+def traced_all_finite(params: Sequence[Any], backends: Sequence[Backend]) -> Any:
+    """A 0-d boolean array: every parameter is finite (no Python branch: it traces)."""
+    ok = None
+    for p, b in zip(params, backends):
+        xp = b.namespace(p)
+        leaf = xp.all(xp.isfinite(p))
+        ok = leaf if ok is None else xp.logical_and(ok, leaf)
+    return ok
 
 
 def step_decay(decay: Any, step: Any, compat: str, dt: Any = None) -> Any:

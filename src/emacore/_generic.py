@@ -103,6 +103,18 @@ class ArrayAPIBackend:
     def check_writable(self, shadows: Sequence[Any], names: Sequence[str]) -> None:
         """Nothing to check: the generic backend never writes in place."""
 
+    def all_finite(self, params: Sequence[Any]) -> list[bool]:
+        """Whether each array holds only finite values (for the ``nonfinite`` guard).
+
+        One reduction per array here; backends override it with one fused call and a
+        single device-to-host transfer.
+        """
+        out = []
+        for p in params:
+            xp = self.namespace(p)
+            out.append(bool(xp.all(xp.isfinite(p))))
+        return out
+
     def is_traced(self, x: Any) -> bool:
         """Standard arrays are concrete."""
         return False

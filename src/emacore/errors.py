@@ -17,6 +17,7 @@ __all__ = [
     "PluginWarning",
     "ReadOnlyError",
     "StateDictError",
+    "NonFiniteError",
     "StructureError",
     "UnknownBackendError",
 ]
@@ -52,6 +53,10 @@ class ImmutableArrayError(EMAError, TypeError):
 
 class StateDictError(EMAError, ValueError):
     """A state dict is malformed or does not match this EMA."""
+
+
+class NonFiniteError(EMAError, ValueError):
+    """A parameter holds NaN or infinity and the EMA was asked to refuse it (``nonfinite``)."""
 
 
 class UnknownBackendError(EMAError, LookupError):

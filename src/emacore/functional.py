@@ -23,6 +23,7 @@ from typing import Any
 from emacore import _pytree
 from emacore._debias import COMPAT_MODES, coefficient
 from emacore._engine import (
+    NONFINITE_POLICIES,
     advance,
     apply_update,
     averages,
@@ -30,14 +31,16 @@ from emacore._engine import (
     check_pairs,
     check_writable,
     create_shadows,
+    nonfinite_leaves,
     on_device,
     resolve_backends,
     shadow_dtypes,
     step_decay,
+    traced_all_finite,
 )
 from emacore._state import EMAState
 from emacore.backend import Backend
-from emacore.errors import StructureError, UnknownBackendError
+from emacore.errors import NonFiniteError, StructureError, UnknownBackendError
 from emacore.schedules import Schedule
 
 __all__ = ["EMAState", "average", "init", "update"]
@@ -149,6 +152,7 @@ def update(
     inplace: bool = False,
     backend: str | Backend | None = None,
     exact: bool | None = None,
+    nonfinite: str = "ignore",
 ) -> EMAState:
     """Return the state after one update: ``shadow ← shadow − (shadow − param)·(1 − d)``.
 
@@ -174,6 +178,12 @@ def update(
         Use the reference operation order ``s - (s - x) * (1 - d)`` on every backend (same
         bits everywhere). Default: only with ``compat="tensorflow"``; otherwise a backend may
         use a one-pass form (torch's ``lerp``) that rounds differently in the last place.
+    nonfinite : {"ignore", "skip", "raise"}
+        When a parameter holds NaN or infinity: ``"skip"`` returns ``state`` unchanged (under
+        a trace, a state whose every shadow and counter is unchanged: it needs
+        ``init(..., traceable=True)`` and ``inplace=False``), ``"raise"`` raises
+        `emacore.errors.NonFiniteError` naming the leaves (concrete arrays only). Decided for
+        the whole update. Default ``"ignore"``: not checked.
 
     Returns
     -------
@@ -207,6 +217,9 @@ def update(
     check_pairs(
         names, s_leaves, p_leaves, s_backends, p_backends, check_devices=state.device is None
     )
+    finite = _guard(state, p_leaves, p_backends, names, nonfinite, inplace)
+    if finite is False:
+        return state  # "skip": nothing changes
     p_leaves = on_device(p_leaves, s_backends, state.device)
     if inplace:
         check_writable(s_leaves, names, s_backends)
@@ -218,7 +231,47 @@ def update(
         inplace=inplace,
         exact=state.compat == "tensorflow" if exact is None else exact,
     )
-    return state.replace(shadow=_pytree.unflatten(s_def, new), **advance(state, d))
+    counters = advance(state, d)
+    if finite is not True:  # a traced guard: keep the old values where it is false
+        new = [b.namespace(n).where(finite, n, s) for n, s, b in zip(new, s_leaves, s_backends)]
+        old = {"count": state.count, "decay_product": state.decay_product}
+        old["last_decay"] = state.last_decay
+        xp = s_backends[0].namespace(s_leaves[0])
+        counters = {k: xp.where(finite, v, old[k]) for k, v in counters.items()}
+    return state.replace(shadow=_pytree.unflatten(s_def, new), **counters)
+
+
+def _guard(
+    state: EMAState,
+    params: list[Any],
+    backends: list[Backend],
+    names: tuple[str, ...],
+    policy: str,
+    inplace: bool,
+) -> Any:
+    """True to update; False to skip; a 0-d boolean array (traced) to decide on device."""
+    if policy not in NONFINITE_POLICIES:
+        raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {policy!r}")
+    if policy == "ignore" or not params:
+        return True
+    if backends[0].is_traced(params[0]):
+        if policy == "raise":
+            raise ValueError(
+                "nonfinite='raise' needs concrete values and these parameters are traced; "
+                "use nonfinite='skip' inside jit/compile"
+            )
+        if inplace or not hasattr(state.count, "shape"):
+            raise ValueError(
+                "nonfinite='skip' under a trace needs a traceable state "
+                "(init(..., traceable=True)) and inplace=False"
+            )
+        return traced_all_finite(params, backends)
+    bad = nonfinite_leaves(params, backends, names)
+    if not bad:
+        return True
+    if policy == "raise":
+        raise NonFiniteError(f"parameters hold NaN or infinity: {bad[:10]}; nothing was updated")
+    return False
 
 
 def average(state: EMAState) -> Any:

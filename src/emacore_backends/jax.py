@@ -413,6 +413,11 @@ def _exact(shadows: list[Any], params: list[Any], c: Any, inplace: bool) -> list
     return list(subtract(shadows, deltas))
 
 
+@jax.jit
+def _finite_flags(params: list[Any]) -> Any:
+    return jnp.stack([jnp.all(jnp.isfinite(p)) for p in params])
+
+
 def _key_name(key: Any) -> str:
     for attr in ("name", "key", "idx"):  # GetAttrKey, DictKey/FlattenedIndexKey, SequenceKey
         if hasattr(key, attr):
@@ -544,6 +549,16 @@ class JaxBackend(ArrayAPIBackend):
         for part, arr, p in zip(plan.parts, chunks, local):
             out += part.run(list(arr), p, c, inplace, exact)
         return _Packed(plan, out)
+
+    def all_finite(self, params: Sequence[Any]) -> list[bool]:
+        """Whether each array is finite: one compiled reduction, one transfer."""
+        if not params:
+            return []
+        try:
+            flags = _finite_flags(list(params))
+        except ValueError:  # arrays on several devices: one reduction each
+            return super().all_finite(params)
+        return [bool(ok) for ok in jax.device_get(flags)]
 
     def flatten_node(self, obj: Any) -> tuple[tuple[str, ...], list[Any], Any] | None:
         """Split one level of a registered pytree node (a flax struct, an optax state...).

@@ -18,6 +18,7 @@ Design invariants:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -279,6 +280,24 @@ class TorchBackend(ArrayAPIBackend):
             s_list = [shadows[i] for i in group.members]
             p_list = [params[i] for i in group.members]
             _foreach_update(s_list, p_list, c, exact, any(p.dtype != group.dtype for p in p_list))
+
+    def all_finite(self, params: Sequence[Any]) -> list[bool]:
+        """Whether each tensor is finite: one fused max-norm per device, one transfer.
+
+        The infinity norm is NaN or infinite exactly when a value is (a sum could overflow).
+        """
+        out = [True] * len(params)
+        by_device: dict[Any, list[int]] = {}
+        for i, p in enumerate(params):
+            if p.numel():
+                by_device.setdefault(p.device, []).append(i)
+        with torch.no_grad():
+            for idx in by_device.values():
+                norms = torch._foreach_norm([params[i].detach() for i in idx], math.inf)
+                finite = torch.stack([n.to(torch.float32) for n in norms]).isfinite().tolist()
+                for i, ok in zip(idx, finite):
+                    out[i] = bool(ok)
+        return out
 
     def check_writable(self, shadows: Sequence[Any], names: Sequence[str]) -> None:
         """Shadows are ours and plain tensors: always writable."""

@@ -347,3 +347,18 @@ def test_a_traced_time_step_inside_jit() -> None:
     for dt, value in ((2.0, 4.0), (0.5, 1.0)):
         ref = ref + (value - ref) * (1 - 0.5**dt)
     np.testing.assert_allclose(np.asarray(F.average(state)["w"]), np.full(3, ref), rtol=1e-6)
+
+
+def test_nonfinite_skip_inside_jit_keeps_the_old_state() -> None:
+    params = {"w": jnp.zeros(3, jnp.float32), "b": jnp.ones(2, jnp.float32)}
+    state = F.init(params, traceable=True)
+    step = jax.jit(lambda st, p: F.update(st, p, 0.5, nonfinite="skip"))
+    good = {"w": jnp.full(3, 2.0, jnp.float32), "b": jnp.full(2, 3.0, jnp.float32)}
+    state = step(state, good)
+    bad = {"w": jnp.full(3, 4.0, jnp.float32), "b": jnp.asarray([1.0, jnp.nan], jnp.float32)}
+    skipped = step(state, bad)
+    assert int(skipped.count) == 1 and float(skipped.decay_product) == 0.5
+    for k in params:
+        np.testing.assert_array_equal(np.asarray(skipped.shadow[k]), np.asarray(state.shadow[k]))
+    with pytest.raises(ValueError, match="nonfinite='raise' needs concrete values"):
+        jax.jit(lambda st, p: F.update(st, p, 0.5, nonfinite="raise"))(state, good)
