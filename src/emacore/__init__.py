@@ -5,7 +5,7 @@ backends (numpy, torch, jax, any plugin) are found through pluggy and loaded on 
 """
 
 from emacore import functional, schedules
-from emacore._ema import EMA, ExponentialMovingAverage
+from emacore._ema import EMA, EMAProfile, ExponentialMovingAverage
 from emacore._generic import ArrayAPIBackend
 from emacore._plugins import (
     DISABLE_AUTOLOAD_ENV,
@@ -41,6 +41,7 @@ __all__ = [
     # the TensorFlow-compatible stateful API
     "ExponentialMovingAverage",
     "EMA",
+    "EMAProfile",
     "LoadResult",
     # the functional API and its state
     "functional",

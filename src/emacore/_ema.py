@@ -15,7 +15,7 @@ import operator
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from emacore import _engine, _plugins, _pytree
@@ -69,11 +69,16 @@ def _name_filter(
 
 @dataclass
 class _Group:
-    """Leaves created and updated together: one state, one backend call per step."""
+    """Leaves created and updated together: one state, one backend call per step.
+
+    ``state`` is the first decay profile's; ``extra`` holds the other profiles' states (same
+    leaves, same count, their own shadows and decay products), updated in the same call.
+    """
 
     names: tuple[str, ...]
     state: EMAState
     backends: list[Backend]
+    extra: list[EMAState] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._index = {nm: i for i, nm in enumerate(self.names)}
@@ -92,12 +97,60 @@ class _Group:
     def position(self, name: str) -> int:
         return self._index[name]
 
+    @property
+    def lanes(self) -> list[EMAState]:
+        """Every profile's state, the first profile's first."""
+        return [self.state, *self.extra]
+
+    def sub(self, idx: Sequence[int]) -> _Group:
+        """The group of the leaves at ``idx`` (every profile's shadows and counters)."""
+        lanes = [lane.replace(shadow=[lane.shadow[i] for i in idx]) for lane in self.lanes]
+        return _Group(
+            tuple(self.names[i] for i in idx), lanes[0], [self.backends[i] for i in idx], lanes[1:]
+        )
+
 
 def _weak(x: Any) -> Callable[[], Any]:
     try:
         return weakref.ref(x)
     except TypeError:  # not weak-referenceable: hold it (ids of live objects are never reused)
         return lambda: x
+
+
+def _one_profile(decay: Any, num_updates: Any) -> Schedule:
+    if isinstance(decay, bool):
+        raise TypeError(f"decay must be a number or a schedule, got {decay!r}")
+    if callable(decay):
+        schedule: Schedule = decay
+        return schedule
+    number = check_decay(decay)
+    return TFRamp(number) if num_updates is not None else as_schedule(number)
+
+
+def _profiles(decay: Any, num_updates: Any) -> tuple[tuple[str, ...], list[Schedule]]:
+    """The profiles' names and schedules: ``("",)`` and one schedule for a single decay."""
+    if isinstance(decay, Mapping):
+        items = list(decay.items())
+        for key, _ in items:
+            if not isinstance(key, str) or not key or "/" in key:
+                raise ValueError(
+                    f"decay profile names must be non-empty strings without '/', got {key!r}"
+                )
+    elif isinstance(decay, (tuple, list)):
+        items = [(None, d) for d in decay]
+    else:
+        return ("",), [_one_profile(decay, num_updates)]
+    if not items:
+        raise ValueError("decay: a tuple, list or dict of decays needs at least one profile")
+    names, schedules = [], []
+    for i, (name, d) in enumerate(items):
+        schedules.append(_one_profile(d, num_updates))
+        names.append(
+            name if name is not None else (f"profile_{i}" if callable(d) else repr(float(d)))
+        )
+    if len(set(names)) != len(names):
+        raise ValueError(f"decay profiles must have distinct names, got {names}")
+    return tuple(names), schedules
 
 
 class _Skipped(Exception):  # noqa: N818 (control flow, not an error)
@@ -219,13 +272,9 @@ class ExponentialMovingAverage:
             raise ValueError(f"compat must be one of {COMPAT_MODES}, got {compat!r}")
         if not isinstance(name, str) or not name:
             raise ValueError(f"name must be a non-empty string, got {name!r}")
-        if isinstance(decay, bool):
-            raise TypeError(f"decay must be a number or a schedule, got {decay!r}")
-        if callable(decay):
-            self._schedule: Schedule = decay
-        else:
-            number = check_decay(decay)
-            self._schedule = TFRamp(number) if num_updates is not None else as_schedule(number)
+        self._profiles, self._schedules = _profiles(decay, num_updates)
+        self._schedule: Schedule = self._schedules[0]
+        self._lane = 0  # the profile that reads (average, copy_to...) report; see profile()
         if isinstance(num_updates, (bool, str)):
             raise TypeError(
                 "num_updates must be None, an int, a 0-d array or a zero-argument callable, "
@@ -318,6 +367,44 @@ class ExponentialMovingAverage:
     def compat(self) -> str:
         """``"default"`` or ``"tensorflow"``."""
         return self._compat
+
+    @property
+    def profiles(self) -> tuple[str, ...]:
+        """The names of the decay profiles (``()`` for a single decay).
+
+        ``decay=(0.999, 0.9999)`` keeps two shadows of every leaf, named ``"0.999"`` and
+        ``"0.9999"``; a dict names them (``{"fast": 0.999, "slow": 0.9999}``); a schedule in a
+        tuple is named ``"profile_<i>"``.
+        """
+        return () if self._profiles == ("",) else self._profiles
+
+    def profile(self, name: str) -> EMAProfile:
+        """One profile's averages: ``ema.profile("slow").average(params)``.
+
+        The EMA's own reading methods (`average`, `copy_to`...) report the first profile.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> ema = ExponentialMovingAverage({"fast": 0.5, "slow": 0.75})
+        >>> w = np.zeros(1); ema.apply([w]); w[...] = 4.0; ema.apply([w])
+        >>> ema.average(w), ema.profile("slow").average(w)
+        (array([2.]), array([1.]))
+        """
+        if name not in self.profiles:
+            raise KeyError(f"no decay profile {name!r}; this EMA has {list(self.profiles)}")
+        return EMAProfile(self, self._profiles.index(name))
+
+    @contextlib.contextmanager
+    def _reading(self, lane: int) -> Iterator[None]:
+        previous, self._lane = self._lane, lane
+        try:
+            yield
+        finally:
+            self._lane = previous
+
+    def _suffix(self) -> str:
+        return "" if self._profiles == ("",) else f"/{self._profiles[self._lane]}"
 
     def __repr__(self) -> str:
         return (
@@ -595,10 +682,11 @@ class ExponentialMovingAverage:
                 value = int(value)
         return value
 
-    def _shadow_of(self, name: str) -> tuple[Any, Backend]:
+    def _shadow_of(self, name: str, lane: int = 0) -> tuple[Any, Backend]:
         group = self._where[name]
         i = group.position(name)
-        return group.state.shadow[i], group.backends[i]
+        state = group.state if lane == 0 else group.extra[lane - 1]
+        return state.shadow[i], group.backends[i]
 
     def _update(
         self,
@@ -669,10 +757,12 @@ class ExponentialMovingAverage:
         decays = []
         for part_group, _ in parts:
             count = part_group.state.count if part_group is not None else 0
+            step = count if n is None else n
             decays.append(
-                _engine.step_decay(
-                    self._schedule, count if n is None else n, self._compat, self._dt
-                )
+                [
+                    _engine.step_decay(schedule, step, self._compat, self._dt)
+                    for schedule in self._schedules
+                ]
             )
         for part_group, _ in parts:
             if part_group is None:
@@ -696,16 +786,26 @@ class ExponentialMovingAverage:
             ]
         else:
             groups = [group]
-        for g, (_, idx), d in zip(groups, parts, decays):
+        for g, (_, idx), ds in zip(groups, parts, decays):
             params = [leaves[i] for i in idx] if len(parts) > 1 else leaves
             if self._device is not None:  # offloaded shadows: bring the parameters over
                 params = _engine.on_device(params, g.backends, self._device)
-            c = coefficient(d, self._compat)
             exact = self._exact
             try:
-                if g.single is not None:
+                if len(ds) > 1:  # several profiles: one call reads the parameters once
+                    news = _engine.apply_update_lanes(
+                        [lane.shadow for lane in g.lanes],
+                        params,
+                        g.backends,
+                        [coefficient(d, self._compat) for d in ds],
+                        exact=exact,
+                    )
+                    new = news[0]
+                elif g.single is not None:
+                    c = coefficient(ds[0], self._compat)
                     new = g.single.update(g.state.shadow, params, c, inplace=True, exact=exact)
                 else:
+                    c = coefficient(ds[0], self._compat)
                     new = _engine.apply_update(
                         g.state.shadow, params, g.backends, c, inplace=True, exact=exact
                     )
@@ -720,7 +820,12 @@ class ExponentialMovingAverage:
                         shadow_specs=g.specs,
                     )
                 raise
-            g.state = g.state.replace(shadow=new, **_engine.advance(g.state, d))
+            if len(ds) > 1:
+                g.extra = [
+                    lane.replace(shadow=shadows, **_engine.advance(lane, d))
+                    for lane, shadows, d in zip(g.extra, news[1:], ds[1:])
+                ]
+            g.state = g.state.replace(shadow=new, **_engine.advance(g.state, ds[0]))
         return names if fast else list(names)
 
     def _guard_nonfinite(
@@ -757,9 +862,9 @@ class ExponentialMovingAverage:
         for i, nm in enumerate(names):
             g = self._where.get(nm) if nm is not None else None
             key = (
-                (g.state.count, g.state.decay_product, g.state.last_decay)
+                tuple((lane.count, lane.decay_product, lane.last_decay) for lane in g.lanes)
                 if g is not None
-                else (0, 1.0, 1.0)
+                else None
             )
             parts.setdefault(key, []).append(i)
             owners.setdefault(key, g)
@@ -824,22 +929,26 @@ class ExponentialMovingAverage:
                 self._order.append(names[i])
         fresh_leaves = [leaves[i] for i in fresh]
         fresh_backends = [backends[i] for i in fresh]
-        shadows = _engine.create_shadows(
-            fresh_leaves,
-            fresh_backends,
-            zeros=self._zero_debias,
-            dtypes=_engine.shadow_dtypes(
-                fresh_leaves, fresh_backends, self._shadow_dtype, self._compat
-            ),
-            layout=self._layout,
-            device=self._device,
+        dtypes = _engine.shadow_dtypes(
+            fresh_leaves, fresh_backends, self._shadow_dtype, self._compat
         )
+        lanes = [
+            EMAState(
+                _engine.create_shadows(
+                    fresh_leaves,
+                    fresh_backends,
+                    zeros=self._zero_debias,
+                    dtypes=dtypes,
+                    layout=self._layout,
+                    device=self._device,
+                ),
+                zero_debias=self._zero_debias,
+                compat=self._compat,
+            )
+            for _ in self._schedules
+        ]
         fresh_names = tuple(names[i] for i in fresh)
-        group = _Group(
-            fresh_names,
-            EMAState(shadows, zero_debias=self._zero_debias, compat=self._compat),
-            [backends[i] for i in fresh],
-        )
+        group = _Group(fresh_names, lanes[0], [backends[i] for i in fresh], lanes[1:])
         self._add_group(group)
         return names
 
@@ -885,24 +994,19 @@ class ExponentialMovingAverage:
         existing = self._groups.get(names)
         if existing is not None:
             return existing
-        shadows, shadow_backends = [], []
-        for nm in names:
-            s, b = self._shadow_of(nm)
-            shadows.append(s)
-            shadow_backends.append(b)
-        template = self._where[names[0]].state
+        template = self._where[names[0]]
+        lanes = []
+        for k, lane in enumerate(template.lanes):
+            shadows = [self._shadow_of(nm, k)[0] for nm in names]
+            lanes.append(lane.replace(shadow=shadows))
+        shadow_backends = [self._shadow_of(nm)[1] for nm in names]
         touched = {id(self._where[nm]): self._where[nm] for nm in names}
         for old in touched.values():
             del self._groups[old.names]
             keep = [i for i, nm in enumerate(old.names) if nm not in set(names)]
             if keep:
-                rest = _Group(
-                    tuple(old.names[i] for i in keep),
-                    old.state.replace(shadow=[old.state.shadow[i] for i in keep]),
-                    [old.backends[i] for i in keep],
-                )
-                self._add_group(rest)
-        group = _Group(names, template.replace(shadow=shadows), shadow_backends)
+                self._add_group(old.sub(keep))
+        group = _Group(names, lanes[0], shadow_backends, lanes[1:])
         self._add_group(group)
         return group
 
@@ -933,9 +1037,8 @@ class ExponentialMovingAverage:
                 continue
             group = self._where[nm]
             i = group.position(nm)
-            out.append(
-                _engine.averages(group.state, [group.state.shadow[i]], [group.backends[i]])[0]
-            )
+            lane = group.lanes[self._lane]
+            out.append(_engine.averages(lane, [lane.shadow[i]], [group.backends[i]])[0])
         return out
 
     def average(self, var: Any) -> Any:
@@ -1048,14 +1151,14 @@ class ExponentialMovingAverage:
         'dense/kernel/ExponentialMovingAverage'
         """
         if isinstance(var, str):
-            return f"{var}/{self._name}"
+            return f"{var}/{self._name}{self._suffix()}"
         name = self._name_of(var)
         if name is None:
             raise KeyError(
                 f"{type(var).__qualname__} object is not tracked by this EMA; apply() it "
                 "first, or pass the leaf's name"
             )
-        return f"{name}/{self._name}"
+        return f"{name}/{self._name}{self._suffix()}"
 
     # -- evaluating with the averages -------------------------------------------------------
 
@@ -1170,7 +1273,7 @@ class ExponentialMovingAverage:
             ref = self._refs.get(nm) or self._seen.get(nm)
             obj = ref() if ref is not None else None
             if obj is not None:
-                out[f"{nm}/{self._name}"] = obj
+                out[f"{nm}/{self._name}{self._suffix()}"] = obj
         return out
 
     # -- state dicts -----------------------------------------------------------------------
@@ -1198,8 +1301,9 @@ class ExponentialMovingAverage:
                 continue
             group = self._where[nm]
             st = group.state
+            i = group.position(nm)
             leaves[nm] = {
-                "shadow": st.shadow[group.position(nm)],
+                "shadow": st.shadow[i],
                 "count": st.count,
                 "decay_product": st.decay_product,
                 "last_decay": st.last_decay,
@@ -1207,6 +1311,15 @@ class ExponentialMovingAverage:
                 "position": self._positions.get(nm),
                 "order": order,
             }
+            if group.extra:
+                leaves[nm]["profiles"] = {
+                    name: {
+                        "shadow": lane.shadow[i],
+                        "decay_product": lane.decay_product,
+                        "last_decay": lane.last_decay,
+                    }
+                    for name, lane in zip(self._profiles[1:], group.extra)
+                }
         return {
             "format": STATE_FORMAT,
             "version": STATE_VERSION,
@@ -1217,6 +1330,7 @@ class ExponentialMovingAverage:
             "leaves": leaves,
             "copies": copies,
             "calls": self._calls,
+            "profiles": list(self.profiles),
         }
 
     def load_state_dict(self, state: Mapping[str, Any], strict: bool = True) -> LoadResult:
@@ -1239,7 +1353,7 @@ class ExponentialMovingAverage:
             ``state`` is malformed, was saved with another ``zero_debias``/``compat``, or (with
             ``strict``) its leaves differ from the tracked ones. Nothing changes then.
         """
-        leaves = parse_leaves(state, self._zero_debias, self._compat)
+        leaves = parse_leaves(state, self._zero_debias, self._compat, self.profiles)
         loaded_copies = parse_copies(state)
         calls = state.get("calls", 0)  # apply() calls so far, for update_every
         if isinstance(calls, bool) or not isinstance(calls, int) or calls < 0:
@@ -1275,8 +1389,23 @@ class ExponentialMovingAverage:
         shadows = _engine.create_shadows(
             arrays, backends, zeros=False, layout=self._layout, device=self._device
         )
+        lanes = [shadows]
+        for k in range(len(self._profiles) - 1):
+            more = [rec["profiles"][k]["shadow"] for rec in keep.values()]
+            for nm, a, b in zip(keep, more, arrays):
+                if tuple(a.shape) != tuple(b.shape):
+                    raise StateDictError(
+                        f"leaf {nm!r}: profile {self._profiles[k + 1]!r} shadow shape "
+                        f"{tuple(a.shape)} differs from the first profile's {tuple(b.shape)}"
+                    )
+            more_backends = _engine.resolve_backends(more, list(keep), self._backend_name)
+            lanes.append(
+                _engine.create_shadows(
+                    more, more_backends, zeros=False, layout=self._layout, device=self._device
+                )
+            )
         # nothing above changed this EMA; from here on nothing can fail
-        self._install(keep, shadows, backends, set(missing))
+        self._install(keep, lanes, backends, set(missing))
         self._calls = calls
         self._copies = {nm: rec for nm, rec in self._copies.items() if nm in missing}
         for (nm, _), arr, b in zip(kept_copies.items(), new_copies, copy_backends):
@@ -1289,7 +1418,7 @@ class ExponentialMovingAverage:
     def _install(
         self,
         leaves: dict[str, dict[str, Any]],
-        copies: list[Any],
+        lanes: list[list[Any]],
         backends: list[Backend],
         missing: set[str],
     ) -> None:
@@ -1299,32 +1428,32 @@ class ExponentialMovingAverage:
         self._fast.clear()
         self._module_cache = None
         for g in {id(g): g for g in kept.values()}.values():
-            idx = [i for i, nm in enumerate(g.names) if nm in missing]
-            self._add_group(
-                _Group(
-                    tuple(g.names[i] for i in idx),
-                    g.state.replace(shadow=[g.state.shadow[i] for i in idx]),
-                    [g.backends[i] for i in idx],
-                )
-            )
+            self._add_group(g.sub([i for i, nm in enumerate(g.names) if nm in missing]))
         parts: dict[Any, list[int]] = {}
         names = list(leaves)
         for i, nm in enumerate(names):
             rec = leaves[nm]
-            parts.setdefault((rec["count"], rec["decay_product"], rec["last_decay"]), []).append(i)
-        for (count, product, last), idx in parts.items():
+            counters = [(rec["decay_product"], rec["last_decay"])]
+            counters += [(p["decay_product"], p["last_decay"]) for p in rec["profiles"]]
+            parts.setdefault((rec["count"], tuple(counters)), []).append(i)
+        for (count, counters), idx in parts.items():
+            states = [
+                EMAState(
+                    [arrays[i] for i in idx],
+                    count=count,
+                    decay_product=product,
+                    last_decay=last,
+                    zero_debias=self._zero_debias,
+                    compat=self._compat,
+                )
+                for arrays, (product, last) in zip(lanes, counters)
+            ]
             self._add_group(
                 _Group(
                     tuple(names[i] for i in idx),
-                    EMAState(
-                        [copies[i] for i in idx],
-                        count=count,
-                        decay_product=product,
-                        last_decay=last,
-                        zero_debias=self._zero_debias,
-                        compat=self._compat,
-                    ),
+                    states[0],
                     [backends[i] for i in idx],
+                    states[1:],
                 )
             )
         ordered = sorted(names, key=lambda nm: leaves[nm]["order"])
@@ -1345,3 +1474,50 @@ class ExponentialMovingAverage:
 
 
 EMA = ExponentialMovingAverage
+
+
+class EMAProfile:
+    """The averages of one decay profile of an `ExponentialMovingAverage` (`profile`).
+
+    Reads only: the EMA itself is applied, saved and loaded as a whole.
+    """
+
+    def __init__(self, ema: ExponentialMovingAverage, lane: int) -> None:
+        self._ema = ema
+        self._lane = lane
+
+    @property
+    def name(self) -> str:
+        """The profile's name."""
+        return self._ema.profiles[self._lane]
+
+    def average(self, var: Any) -> Any:
+        """`ExponentialMovingAverage.average`, for this profile."""
+        with self._ema._reading(self._lane):
+            return self._ema.average(var)
+
+    def average_name(self, var: Any) -> str:
+        """`ExponentialMovingAverage.average_name`: ``<var name>/<ema name>/<profile>``."""
+        with self._ema._reading(self._lane):
+            return self._ema.average_name(var)
+
+    def variables_to_restore(self) -> dict[str, Any]:
+        """`ExponentialMovingAverage.variables_to_restore`, for this profile."""
+        with self._ema._reading(self._lane):
+            return self._ema.variables_to_restore()
+
+    def copy_to(self, var_list: Any) -> None:
+        """`ExponentialMovingAverage.copy_to`, with this profile's averages."""
+        with self._ema._reading(self._lane):
+            self._ema.copy_to(var_list)
+
+    @contextlib.contextmanager
+    def swapped(self, var_list: Any) -> Iterator[Any]:
+        """`ExponentialMovingAverage.swapped`, with this profile's averages."""
+        with contextlib.ExitStack() as stack:
+            with self._ema._reading(self._lane):
+                inside = stack.enter_context(self._ema.swapped(var_list))
+            yield inside
+
+    def __repr__(self) -> str:
+        return f"EMAProfile({self.name!r} of {self._ema!r})"

@@ -28,6 +28,7 @@ __all__ = [
     "traced_all_finite",
     "advance",
     "apply_update",
+    "apply_update_lanes",
     "averages",
     "check_floating",
     "check_pairs",
@@ -347,6 +348,30 @@ def apply_update(
         for i, s in zip(idx, new):
             out[i] = s
     return out
+
+
+def apply_update_lanes(
+    shadow_lists: Sequence[Sequence[Any]],
+    params: Sequence[Any],
+    backends: Sequence[Backend],
+    cs: Sequence[Any],
+    *,
+    exact: bool = True,
+) -> list[list[Any]]:
+    """Update several profiles' shadows of the same parameters (in place where possible).
+
+    A single backend with ``update_lanes`` reads the parameters once for every profile;
+    otherwise each profile is one `apply_update`.
+    """
+    if backends and backends.count(backends[0]) == len(backends):
+        fused = getattr(backends[0], "update_lanes", None)
+        if fused is not None:
+            out: list[list[Any]] = fused(shadow_lists, params, cs, inplace=True, exact=exact)
+            return out
+    return [
+        apply_update(shadows, params, backends, c, inplace=True, exact=exact)
+        for shadows, c in zip(shadow_lists, cs)
+    ]
 
 
 def advance(state: EMAState, decay: Any) -> dict[str, Any]:

@@ -29,9 +29,14 @@ class LoadResult(NamedTuple):
 
 
 def parse_leaves(
-    state: Mapping[str, Any], zero_debias: bool, compat: str
+    state: Mapping[str, Any], zero_debias: bool, compat: str, profiles: tuple[str, ...] = ()
 ) -> dict[str, dict[str, Any]]:
-    """Check a state dict's header and leaves; return each leaf's record, typed."""
+    """Check a state dict's header and leaves; return each leaf's record, typed.
+
+    ``profiles`` names the EMA's decay profiles (``()`` for a single decay): the state dict
+    must have the same, and each leaf record then holds every profile after the first under
+    ``"profiles"`` (its shadow and decay counters).
+    """
     if not isinstance(state, Mapping) or state.get("format") != STATE_FORMAT:
         raise StateDictError(
             f"not an emacore EMA state dict (expected format {STATE_FORMAT!r}, got "
@@ -47,6 +52,11 @@ def parse_leaves(
             raise StateDictError(
                 f"state dict was saved with {key}={state.get(key)!r}, this EMA has {key}={mine!r}"
             )
+    saved = state.get("profiles", [])
+    if not isinstance(saved, (list, tuple)) or list(saved) != list(profiles):
+        raise StateDictError(
+            f"state dict has decay profiles {saved!r}, this EMA has {list(profiles)}"
+        )
     leaves = state.get("leaves")
     if not isinstance(leaves, Mapping):
         raise StateDictError("state dict has no 'leaves' mapping")
@@ -72,7 +82,30 @@ def parse_leaves(
             raise StateDictError(f"leaf {nm!r}: invalid counters {dict(rec)!r}")
         if not hasattr(parsed["shadow"], "shape"):
             raise StateDictError(f"leaf {nm!r}: shadow is not an array")
+        parsed["profiles"] = _parse_profiles(nm, rec.get("profiles", {}), profiles[1:])
         out[nm] = parsed
+    return out
+
+
+def _parse_profiles(nm: str, recs: Any, names: tuple[str, ...]) -> list[dict[str, Any]]:
+    """A leaf's records of the profiles after the first, in ``names`` order."""
+    if not isinstance(recs, Mapping) or set(recs) != set(names):
+        got = sorted(recs) if isinstance(recs, Mapping) else recs
+        raise StateDictError(f"leaf {nm!r}: profiles {got!r}, expected {list(names)}")
+    out = []
+    for name in names:
+        rec = recs[name]
+        try:
+            parsed = {
+                "shadow": rec["shadow"],
+                "decay_product": float(rec["decay_product"]),
+                "last_decay": float(rec["last_decay"]),
+            }
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StateDictError(f"leaf {nm!r}, profile {name!r}: malformed ({exc})") from None
+        if not hasattr(parsed["shadow"], "shape") or not math.isfinite(parsed["decay_product"]):
+            raise StateDictError(f"leaf {nm!r}, profile {name!r}: malformed entry")
+        out.append(parsed)
     return out
 
 

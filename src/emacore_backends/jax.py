@@ -32,7 +32,7 @@ import functools
 import itertools
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -158,6 +158,7 @@ class _Part:
             True: jax.jit(self.update, donate_argnums=0),
             False: jax.jit(self.update),
         }
+        self.multi: dict[tuple[int, bool], Any] = {}
         self.differences = jax.jit(
             lambda arrays, params: [a - b for a, b in zip(self.fetch(arrays), self.gather(params))]
         )
@@ -219,6 +220,18 @@ class _Part:
         for i, p in enumerate(params):
             if frozenset(p.devices()) != self.devices:
                 raise ValueError(f"parameter #{self.leaves[i]} is not on its shadow's devices")
+
+    def lanes_jit(self, k: int, inplace: bool) -> Any:
+        """One jitted update of ``k`` profiles' arrays (cached per ``k``)."""
+        key = (k, inplace)
+        fn = self.multi.get(key)
+        if fn is None:
+
+            def lanes(arrays: list[list[Any]], params: list[Any], cs: list[Any]) -> list[Any]:
+                return [self.update(a, params, c) for a, c in zip(arrays, cs)]
+
+            fn = self.multi[key] = jax.jit(lanes, donate_argnums=0 if inplace else ())
+        return fn
 
     def run(
         self, arrays: list[Any], params: list[Any], c: Any, inplace: bool, exact: bool
@@ -368,6 +381,13 @@ def _zeros(shape: Any, dtype: Any, where: Any) -> Any:
     return z if compute is where else jax.device_put(z, where)
 
 
+def _same_layout(a: _Plan, b: _Plan) -> bool:
+    """Two plans lay out the same leaves the same way (profiles made by one apply)."""
+    return a.n == b.n and [(p.leaves, p.packs, p.large, p.homes) for p in a.parts] == [
+        (p.leaves, p.packs, p.large, p.homes) for p in b.parts
+    ]
+
+
 def _layout(params: Sequence[Any], layout: str, zeros: bool, device: Any = None) -> _Packed:
     """New shadows for ``params`` (concrete), laid out per device set, `SMALL` and ``layout``.
 
@@ -413,9 +433,11 @@ def _exact(shadows: list[Any], params: list[Any], c: Any, inplace: bool) -> list
     return list(subtract(shadows, deltas))
 
 
-@jax.jit
-def _finite_flags(params: list[Any]) -> Any:
+def _finite_flags_of(params: list[Any]) -> Any:
     return jnp.stack([jnp.all(jnp.isfinite(p)) for p in params])
+
+
+_finite_flags = jax.jit(_finite_flags_of)
 
 
 def _key_name(key: Any) -> str:
@@ -549,6 +571,53 @@ class JaxBackend(ArrayAPIBackend):
         for part, arr, p in zip(plan.parts, chunks, local):
             out += part.run(list(arr), p, c, inplace, exact)
         return _Packed(plan, out)
+
+    def update_lanes(
+        self,
+        shadow_lists: Sequence[Sequence[Any]],
+        params: Sequence[Any],
+        cs: Sequence[Any],
+        *,
+        inplace: bool,
+        exact: bool = True,
+    ) -> list[list[Any]]:
+        """Update several profiles' shadows in one compiled call per part.
+
+        XLA fuses the profiles' updates into one loop that reads each parameter once.
+        """
+        lists = list(shadow_lists)
+        plans = [sl.plan if isinstance(sl, _Packed) else None for sl in lists]
+        first = plans[0]
+        params = list(params)
+        if (
+            exact
+            or first is None
+            or any(_is_tracer(c) for c in cs)
+            or (params and _is_tracer(params[0]))
+            or not all(p is not None and _same_layout(p, first) for p in plans)
+        ):
+            return [
+                self.update(sl, params, c, inplace=inplace, exact=exact) for sl, c in zip(lists, cs)
+            ]
+        if len(params) != first.n:
+            raise ValueError(f"got {len(params)} parameters for {first.n} shadows")
+        local = (
+            [params]
+            if len(first.parts) == 1
+            else [[params[i] for i in part.leaves] for part in first.parts]
+        )
+        if len(first.parts) > 1:
+            for part, p in zip(first.parts, local):
+                part.check(p)
+        chunks = [first.split(cast(_Packed, sl).arrays) for sl in lists]
+        outs: list[list[Any]] = [[] for _ in lists]
+        for j, (part, p) in enumerate(zip(first.parts, local)):
+            if part.targets is not None:
+                p = jax.device_put(p, part.targets)
+            new = part.lanes_jit(len(lists), inplace)([list(c[j]) for c in chunks], p, list(cs))
+            for out, arrays in zip(outs, new):
+                out += arrays
+        return [_Packed(plan, out) for plan, out in zip(plans, outs)]  # type: ignore[arg-type]
 
     def all_finite(self, params: Sequence[Any]) -> list[bool]:
         """Whether each array is finite: one compiled reduction, one transfer."""

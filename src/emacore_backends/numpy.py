@@ -206,19 +206,72 @@ class NumpyBackend(ArrayAPIBackend):
             gathers, lanes, large = packing.plan
             # every check happens before the first write: see Capabilities.self_checking
             _check_same(shadows, params, large)
-            if gathers:
-                if packing.scratch is None:
-                    packing.scratch = np.empty(gathers[-1][3], dtype=packing.base.dtype)
-                for i0, i1, lo, hi in gathers:
-                    # casting="safe" and the exact out size refuse a wrong dtype or size
-                    np.concatenate(
-                        params[i0:i1], axis=None, out=packing.scratch[lo:hi], casting="safe"
-                    )
+            self._gather(packing, params, gathers)
             self._run(lanes, shadows, params, c, packing)
         else:
             _check_same(shadows, params, range(len(shadows)))
             self._run(self._loose_lanes(shadows), shadows, params, c, None)
         return shadows if isinstance(shadows, list) else list(shadows)
+
+    def update_lanes(
+        self,
+        shadow_lists: Sequence[Sequence[Any]],
+        params: Sequence[Any],
+        cs: Sequence[float],
+        *,
+        inplace: bool,
+        exact: bool = True,
+    ) -> list[list[Any]]:
+        """Update several profiles' shadows of the same parameters in one pass over them.
+
+        Each cache block of a parameter (or of the gathered small ones, gathered once) updates
+        every profile's block before the next is read: the parameters are read once for all
+        profiles. The arithmetic of each profile is `update`'s, bit for bit.
+        """
+        packs = [getattr(sl, "backend_data", None) for sl in shadow_lists]
+        first = packs[0]
+        if not (
+            inplace
+            and isinstance(first, _Packing)
+            and all(
+                isinstance(pk, _Packing)
+                and pk.sizes == first.sizes
+                and len(pk.sizes) == len(sl)
+                and sl[0].base is pk.base
+                for pk, sl in zip(packs, shadow_lists)
+            )
+        ):
+            return [
+                self.update(sl, params, c, inplace=inplace, exact=exact)
+                for sl, c in zip(shadow_lists, cs)
+            ]
+        if first.plan is None:
+            first.plan = self._packed_plan(first)
+        gathers, lanes, large = first.plan
+        _check_same(shadow_lists[0], params, large)
+        self._gather(first, params, gathers)
+        bases = [pk.base for pk in packs]  # type: ignore[union-attr]
+        work = [(lane, shadow_lists, bases, first, params, cs) for lane in lanes]
+        if len(work) == 1:
+            _run_lanes(*work[0])
+        else:
+            pool = self._get_pool()
+            futures = [pool.submit(_run_lanes, *w) for w in work[1:]]
+            try:
+                _run_lanes(*work[0])
+            finally:
+                for f in futures:
+                    f.result()
+        return [sl if isinstance(sl, list) else list(sl) for sl in shadow_lists]
+
+    def _gather(self, packing: _Packing, params: Sequence[Any], gathers: list[Any]) -> None:
+        if not gathers:
+            return
+        if packing.scratch is None:
+            packing.scratch = np.empty(gathers[-1][3], dtype=packing.base.dtype)
+        for i0, i1, lo, hi in gathers:
+            # casting="safe" and the exact out size refuse a wrong dtype or size
+            np.concatenate(params[i0:i1], axis=None, out=packing.scratch[lo:hi], casting="safe")
 
     def _copy(self, shadows: Sequence[Any]) -> list[Any]:
         packing = getattr(shadows, "backend_data", None)
@@ -373,6 +426,48 @@ def _check_same(shadows: Sequence[Any], params: Sequence[Any], indices: Any) -> 
                 f"parameter #{i} ({p.dtype}, {p.size} elements) does not match its shadow "
                 f"({s.dtype}, {s.size} elements)"
             )
+
+
+def _run_lanes(
+    items: list[tuple[Any, ...]],
+    shadow_lists: Sequence[Sequence[Any]],
+    bases: list[np.ndarray],
+    first: _Packing,
+    params: Sequence[Any],
+    cs: Sequence[float],
+) -> None:
+    """One thread's share of `NumpyBackend.update_lanes`."""
+    dtype = bases[0].dtype
+    coefs = [dtype.type(c) for c in cs]
+    t = np.empty(BLOCK, dtype=dtype)  # per call: threads must not share it
+    for item in items:
+        kind = item[0]
+        if kind == "flat":
+            _, shift, lo, hi = item
+            assert first.scratch is not None
+            p_flat = first.scratch[lo - shift : hi - shift]
+            _blocked_lanes([b[lo:hi] for b in bases], p_flat, coefs, t)
+        elif kind == "tensor":
+            _, i, lo, hi = item
+            p_flat = np.asarray(params[i]).reshape(-1)[lo:hi]
+            _blocked_lanes([sl[i].reshape(-1)[lo:hi] for sl in shadow_lists], p_flat, coefs, t)
+        else:
+            for sl, c in zip(shadow_lists, coefs):
+                s, p = sl[item[1]], params[item[1]]
+                s[...] = s - (s - p) * c
+
+
+def _blocked_lanes(ss: list[np.ndarray], p: np.ndarray, cs: list[Any], t: np.ndarray) -> None:
+    """`_blocked` for several shadows of one ``p``: each block of ``p`` is read once."""
+    n = p.shape[0]
+    for lo in range(0, n, BLOCK):
+        hi = min(lo + BLOCK, n)
+        pb, tb = p[lo:hi], t[: hi - lo]
+        for s, c in zip(ss, cs):
+            sb = s[lo:hi]
+            np.subtract(sb, pb, out=tb)
+            np.multiply(tb, c, out=tb)
+            np.subtract(sb, tb, out=sb)
 
 
 def _blocked(s: np.ndarray, p: np.ndarray, c: Any, scratch: np.ndarray) -> None:

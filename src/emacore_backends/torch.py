@@ -223,6 +223,61 @@ class TorchBackend(ArrayAPIBackend):
                 self._run(group, plan, c, exact)
         return shadows if isinstance(shadows, list) else list(shadows)
 
+    def update_lanes(
+        self,
+        shadow_lists: Sequence[Sequence[Any]],
+        params: Sequence[Any],
+        cs: Sequence[Any],
+        *,
+        inplace: bool,
+        exact: bool = True,
+    ) -> list[list[Any]]:
+        """Update several profiles' shadows of the same parameters, gathering them once.
+
+        The small parameters are gathered into one flat buffer once for every profile; each
+        profile then costs one ``lerp_`` over its flat buffer and one ``_foreach_lerp_`` over
+        its large tensors. Every check happens before the first write.
+        """
+        layouts = [getattr(sl, "backend_data", None) for sl in shadow_lists]
+        first = layouts[0]
+        if (
+            not inplace
+            or torch.compiler.is_compiling()
+            or not isinstance(first, _Layout)
+            or not all(
+                isinstance(lay, _Layout)
+                and lay.size == len(sl) == first.size
+                and [g.members for g in lay.groups] == [g.members for g in first.groups]
+                for lay, sl in zip(layouts, shadow_lists)
+            )
+        ):
+            return [
+                self.update(sl, params, c, inplace=inplace, exact=exact)
+                for sl, c in zip(shadow_lists, cs)
+            ]
+        with torch.no_grad():
+            plans = [self._prepare(g, shadow_lists[0], params) for g in first.groups]
+            for gi, (group, plan) in enumerate(zip(first.groups, plans)):
+                views, members, _, p_list, mixed = plan
+                lanes = [lay.groups[gi] for lay in layouts]  # type: ignore[union-attr]
+                if views is not None:
+                    if group.scratch is None:
+                        group.scratch = torch.empty_like(group.flat)
+                    gathered = torch.cat(views, out=group.scratch)
+                    # the first profile last: in exact mode its scratch is its temporary
+                    for lane, c in list(zip(lanes, cs))[::-1]:
+                        assert lane.flat is not None
+                        if exact:
+                            if lane.scratch is None:
+                                lane.scratch = torch.empty_like(lane.flat)
+                            torch.sub(lane.flat, gathered, out=lane.scratch)
+                            lane.flat.sub_(lane.scratch.mul_(c))
+                        else:
+                            lane.flat.lerp_(gathered, c)
+                for sl, c in zip(shadow_lists, cs):
+                    _foreach_update([sl[i] for i in members], p_list, c, exact, mixed)
+        return [sl if isinstance(sl, list) else list(sl) for sl in shadow_lists]
+
     def _copy(self, shadows: Sequence[Any]) -> list[Any]:
         """New shadows with the same values and layout (for a functional update)."""
         layout = getattr(shadows, "backend_data", None)
@@ -233,11 +288,12 @@ class TorchBackend(ArrayAPIBackend):
 
     def _prepare(
         self, group: _Group, shadows: Sequence[Any], params: Sequence[Any]
-    ) -> tuple[list[torch.Tensor] | None, list[Any], list[Any], bool]:
+    ) -> tuple[list[torch.Tensor] | None, list[int], list[Any], list[Any], bool]:
         """Check a group's parameters (raising before any write); return what to run.
 
         Returns the 1-d views of the small parameters to gather (None: nothing to gather),
-        and the shadows and parameters for the ``_foreach`` call, and whether dtypes mix.
+        the positions, shadows and parameters for the ``_foreach`` call, and whether dtypes
+        mix.
         """
         members = group.large
         views = group.cached_views(params) if group.small else None
@@ -250,16 +306,16 @@ class TorchBackend(ArrayAPIBackend):
         p_list = [params[i] for i in members]
         for i, p in zip(members, p_list):
             _check_pair(i, shadows[i], p, group)
-        return views, s_list, p_list, any(p.dtype != group.dtype for p in p_list)
+        return views, members, s_list, p_list, any(p.dtype != group.dtype for p in p_list)
 
     def _run(
         self,
         group: _Group,
-        plan: tuple[list[torch.Tensor] | None, list[Any], list[Any], bool],
+        plan: tuple[list[torch.Tensor] | None, list[int], list[Any], list[Any], bool],
         c: Any,
         exact: bool,
     ) -> None:
-        views, s_list, p_list, mixed = plan
+        views, _, s_list, p_list, mixed = plan
         if views is not None:
             assert group.flat is not None
             if group.scratch is None:
