@@ -211,6 +211,13 @@ class ExponentialMovingAverage:
     frozen : {"copy", "average", "skip"}
         What ``apply(module)`` does with parameters that do not require grad. Copying (the
         default) gives the same result as averaging a parameter that never changes, for free.
+    side_stream : bool
+        torch on CUDA: queue each update on a side stream of its own, so it overlaps the
+        next forward pass. Reading the averages (``average``, ``copy_to``, ``swapped``,
+        ``state_dict``), the next update and any ``torch.optim`` optimizer step first wait
+        for it (a wait queued on the device, not a host synchronisation). Other backends,
+        and parameters not on one CUDA device, raise ``ValueError`` naming the backend. One
+        decay profile only.
     nonfinite : {"ignore", "skip", "raise"}
         What ``apply`` does when a parameter holds NaN or infinity, decided for the whole
         update: ``"skip"`` leaves every shadow and counter as it was (counted in
@@ -267,6 +274,7 @@ class ExponentialMovingAverage:
         exclude: str | Sequence[str] | Callable[[str], bool] | None = None,
         update_every: int = 1,
         nonfinite: str = "ignore",
+        side_stream: bool = False,
     ) -> None:
         if compat not in COMPAT_MODES:
             raise ValueError(f"compat must be one of {COMPAT_MODES}, got {compat!r}")
@@ -331,6 +339,13 @@ class ExponentialMovingAverage:
                 f"nonfinite must be one of {_engine.NONFINITE_POLICIES}, got {nonfinite!r}"
             )
         self._nonfinite = nonfinite
+        if not isinstance(side_stream, bool):
+            raise TypeError(f"side_stream must be True or False, got {side_stream!r}")
+        if side_stream and len(self._schedules) > 1:
+            raise ValueError("side_stream supports one decay profile, not several")
+        if side_stream and device is not None:
+            raise ValueError("side_stream=True keeps shadows on their parameters' GPU: no device")
+        self._side_stream = side_stream
         self.skipped_updates = 0
         """How many updates ``nonfinite="skip"`` skipped."""
         self.last_nonfinite: list[str] = []
@@ -776,6 +791,10 @@ class ExponentialMovingAverage:
 
         if self._nonfinite != "ignore":
             self._guard_nonfinite(names, leaves, backends)
+        if self._side_stream and group is None:
+            self._check_side_stream([leaves[i] for i in new_idx], [backends[i] for i in new_idx])
+        if self._side_stream:
+            self._sync()  # the previous update finished before anything regroups
 
         # 2. Commit: create shadows, regroup, update.
         if group is None:
@@ -851,6 +870,27 @@ class ExponentialMovingAverage:
                 stacklevel=4,
             )
         raise _Skipped
+
+    def _check_side_stream(self, leaves: list[Any], backends: list[Backend]) -> None:
+        for backend in dict.fromkeys(backends):
+            check = getattr(backend, "check_side_stream", None)
+            if check is None:
+                raise ValueError(
+                    f"side_stream=True: backend {backend.name!r} has no streams (torch on CUDA has)"
+                )
+        if len(set(backends)) > 1:
+            raise ValueError("side_stream=True needs every leaf of one backend")
+        if leaves:
+            backends[0].check_side_stream(leaves)  # type: ignore[attr-defined]
+
+    def _sync(self) -> None:
+        """Wait (on the device) for updates still running on a side stream."""
+        if not self._side_stream:
+            return
+        for group in self._groups.values():
+            wait = getattr(group.single, "wait", None)
+            if wait is not None:
+                wait(group.state.shadow)
 
     def _display(self, name: Any, i: int) -> str:
         return name if isinstance(name, str) else f"new array #{i} of the list"
@@ -977,6 +1017,10 @@ class ExponentialMovingAverage:
             self._refs[name] = lambda: x
 
     def _add_group(self, group: _Group) -> None:
+        if self._side_stream and group.single is not None:
+            # checked before the commit: a backend with streams (torch on CUDA)
+            side = group.single.use_side_stream  # type: ignore[attr-defined]
+            group.state = group.state.replace(shadow=side(group.state.shadow))
         self._fast.clear()
         self._module_cache = None
         self._groups[group.names] = group
@@ -1030,6 +1074,7 @@ class ExponentialMovingAverage:
         return None
 
     def _averages_of(self, names: Sequence[str]) -> list[Any]:
+        self._sync()
         out = []
         for nm in names:
             if nm in self._copies:
@@ -1292,6 +1337,7 @@ class ExponentialMovingAverage:
         >>> ema.state_dict()["leaves"]["w"]["count"]
         1
         """
+        self._sync()
         spec = getattr(self._schedule, "spec", None)
         leaves: dict[str, Any] = {}
         copies: dict[str, Any] = {}
@@ -1353,6 +1399,7 @@ class ExponentialMovingAverage:
             ``state`` is malformed, was saved with another ``zero_debias``/``compat``, or (with
             ``strict``) its leaves differ from the tracked ones. Nothing changes then.
         """
+        self._sync()
         leaves = parse_leaves(state, self._zero_debias, self._compat, self.profiles)
         loaded_copies = parse_copies(state)
         calls = state.get("calls", 0)  # apply() calls so far, for update_every

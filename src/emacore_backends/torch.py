@@ -19,6 +19,7 @@ Design invariants:
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -88,11 +89,24 @@ class _Group:
 
 
 class _Layout:
-    """How a ShadowList's tensors are laid out: the backend's notes, kept on the list."""
+    """How a ShadowList's tensors are laid out: the backend's notes, kept on the list.
+
+    With a side stream (``side``), ``event`` marks the end of the last update queued on it;
+    whoever reads the shadows, or writes the parameters, waits for it first (`wait`).
+    """
 
     def __init__(self, groups: list[_Group], size: int) -> None:
         self.groups = groups
         self.size = size
+        self.side: Any = None
+        self.event: Any = None
+
+    def wait(self) -> None:
+        """Make the current stream wait for the update queued on the side stream."""
+        event, self.event = self.event, None
+        if event is not None:
+            STREAMS.current(self.groups[0].device).wait_event(event)
+        _PENDING.discard(self)
 
     @staticmethod
     def loose(shadows: Sequence[Any]) -> _Layout:
@@ -101,6 +115,36 @@ class _Layout:
             keys.setdefault((s.device, s.dtype), []).append(i)
         groups = [_Group(dev, dt, [], idx) for (dev, dt), idx in keys.items()]
         return _Layout(groups, len(shadows))
+
+
+class _CudaStreams:
+    """The stream operations the side-stream update needs (tests may swap in a recorder)."""
+
+    def current(self, device: torch.device) -> Any:
+        return torch.cuda.current_stream(device)
+
+    def new(self, device: torch.device) -> Any:
+        return torch.cuda.Stream(device=device)
+
+    def using(self, stream: Any) -> Any:
+        return torch.cuda.stream(stream)
+
+    def keep(self, tensor: torch.Tensor, stream: Any) -> None:
+        # the caching allocator must not hand the memory out again before the side stream
+        # has read it, should the tensor be freed meanwhile
+        tensor.record_stream(stream)
+
+
+STREAMS: Any = _CudaStreams()
+# layouts whose last update may still be running on their side stream
+_PENDING: weakref.WeakSet[_Layout] = weakref.WeakSet()
+_HOOKED = False
+
+
+def _wait_before_optimizer_step(*_: Any) -> None:
+    """An optimizer step writes the parameters the side stream may still be reading."""
+    for layout in list(_PENDING):
+        layout.wait()
 
 
 def _check_pair(i: int, shadow: torch.Tensor, p: Any, group: _Group) -> None:
@@ -219,6 +263,9 @@ class TorchBackend(ArrayAPIBackend):
                 self._traced(layout, shadows, params, c, exact)
                 return list(shadows)
             plans = [self._prepare(g, shadows, params) for g in layout.groups]
+            if layout.side is not None:
+                self._run_on_side_stream(layout, plans, c, exact)
+                return shadows if isinstance(shadows, list) else list(shadows)
             for group, plan in zip(layout.groups, plans):
                 self._run(group, plan, c, exact)
         return shadows if isinstance(shadows, list) else list(shadows)
@@ -328,6 +375,86 @@ class TorchBackend(ArrayAPIBackend):
             else:
                 group.flat.lerp_(group.scratch, c)
         _foreach_update(s_list, p_list, c, exact, mixed)
+
+    def _run_on_side_stream(
+        self,
+        layout: _Layout,
+        plans: list[tuple[list[torch.Tensor] | None, list[int], list[Any], list[Any], bool]],
+        c: Any,
+        exact: bool,
+    ) -> None:
+        """Queue the update on the layout's side stream, after the work queued so far.
+
+        The small parameters are gathered on the current stream (a copy of little memory),
+        so only the large ones are read from the side stream, and kept alive for it.
+        """
+        device = layout.groups[0].device
+        # the previous update must be done with the scratch buffers before we refill them
+        # (an optimizer step has usually waited for it already: then this is free)
+        layout.wait()
+        current = STREAMS.current(device)
+        for group, (views, *_) in zip(layout.groups, plans):
+            if views is not None:
+                assert group.flat is not None
+                if group.scratch is None:
+                    group.scratch = torch.empty_like(group.flat)
+                torch.cat(views, out=group.scratch)
+        layout.side.wait_stream(current)
+        with STREAMS.using(layout.side):
+            for group, (views, _, s_list, p_list, mixed) in zip(layout.groups, plans):
+                if views is not None:
+                    assert group.flat is not None
+                    assert group.scratch is not None
+                    if exact:
+                        torch.sub(group.flat, group.scratch, out=group.scratch)
+                        group.flat.sub_(group.scratch.mul_(c))
+                    else:
+                        group.flat.lerp_(group.scratch, c)
+                _foreach_update(s_list, p_list, c, exact, mixed)
+        for _, _, _, p_list, _ in plans:
+            for p in p_list:
+                STREAMS.keep(p, layout.side)
+        layout.event = layout.side.record_event()
+        _PENDING.add(layout)
+
+    def check_side_stream(self, params: Sequence[Any]) -> None:
+        """Raise ValueError unless every tensor is on one CUDA device (streams are CUDA's)."""
+        devices = {p.device for p in params}
+        if len(devices) > 1 or any(d.type != "cuda" for d in devices):
+            raise ValueError(
+                "torch backend: side_stream=True needs every parameter on one CUDA device, got "
+                f"{sorted(map(str, devices))}"
+            )
+
+    def use_side_stream(self, shadows: Sequence[Any]) -> Sequence[Any]:
+        """Return ``shadows`` set to update on a side stream of their own (idempotent)."""
+        global _HOOKED
+        layout = getattr(shadows, "backend_data", None)
+        if not isinstance(layout, _Layout) or layout.size != len(shadows):
+            shadows = ShadowList(shadows)  # a regrouped plain list: give it a layout to keep
+            layout = shadows.backend_data = _Layout.loose(shadows)
+        if layout.side is not None or not layout.groups:
+            return shadows
+        self.check_side_stream(shadows)
+        device = layout.groups[0].device
+        layout.side = STREAMS.new(device)
+        for group in layout.groups:
+            if group.flat is not None:
+                STREAMS.keep(group.flat, layout.side)
+            for i in group.large:
+                STREAMS.keep(shadows[i], layout.side)
+        if not _HOOKED:
+            from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+            register_optimizer_step_pre_hook(_wait_before_optimizer_step)
+            _HOOKED = True
+        return shadows
+
+    def wait(self, shadows: Sequence[Any]) -> None:
+        """Make the current stream wait for an update of these shadows still running."""
+        layout = getattr(shadows, "backend_data", None)
+        if isinstance(layout, _Layout) and layout.event is not None:
+            layout.wait()
 
     def _traced(
         self, layout: _Layout, shadows: Sequence[Any], params: Sequence[Any], c: Any, exact: bool

@@ -7,7 +7,9 @@ an import failure is an error, not a skip.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from typing import Any
 
 import numpy as np
 import pytest
@@ -22,6 +24,7 @@ import torch
 from torch import nn
 
 import emacore
+from emacore_backends import torch as torch_backend
 
 
 def _model() -> nn.Module:
@@ -429,3 +432,118 @@ def test_cuda_parameters_offloaded_to_pinned_host_memory() -> None:
         np.testing.assert_allclose(avg[name].double().numpy(), _ref(seen, name, 0.8), rtol=1e-5)
     with torch.no_grad(), ema.swapped(model):
         torch.testing.assert_close(model[0].weight.cpu(), avg["0.weight"])
+
+
+class _Recorder:
+    """Stands in for CUDA streams on CPU: records every stream operation, in order."""
+
+    class Stream:
+        def __init__(self, log: list[tuple[str, ...]], name: str) -> None:
+            self.log, self.name, self.events = log, name, 0
+
+        def wait_stream(self, other: Any) -> None:
+            self.log.append(("wait_stream", self.name, other.name))
+
+        def wait_event(self, event: str) -> None:
+            self.log.append(("wait_event", self.name, event))
+
+        def record_event(self) -> str:
+            self.events += 1
+            event = f"{self.name}#{self.events}"
+            self.log.append(("record_event", event))
+            return event
+
+    def __init__(self) -> None:
+        self.log: list[tuple[str, ...]] = []
+        self.main = self.Stream(self.log, "main")
+        self.side = self.Stream(self.log, "side")
+        self.inside = False
+
+    def current(self, device: Any) -> Any:
+        return self.side if self.inside else self.main
+
+    def new(self, device: Any) -> Any:
+        return self.side
+
+    @contextlib.contextmanager
+    def using(self, stream: Any) -> Any:
+        self.log.append(("enter", stream.name))
+        self.inside = True
+        try:
+            yield
+        finally:
+            self.inside = False
+            self.log.append(("exit", stream.name))
+
+    def keep(self, tensor: Any, stream: Any) -> None:
+        self.log.append(("keep", tuple(tensor.shape), stream.name))
+
+
+def test_side_stream_orders_updates_reads_and_optimizer_steps(monkeypatch: Any) -> None:
+    """The synchronisation protocol, on CPU with recorded streams (the CUDA test below runs
+    it for real): an update waits for the work queued before it, reads and optimizer steps
+    wait for the update, and the numbers are those of an update without a stream."""
+    recorder = _Recorder()
+    monkeypatch.setattr(torch_backend, "STREAMS", recorder)
+    monkeypatch.setattr(torch_backend.TorchBackend, "check_side_stream", lambda self, p: None)
+    model = nn.Linear(300, 300)  # a large weight (90,000 elements) and a small bias
+    plain = emacore.EMA(0.5)
+    ema = emacore.EMA(0.5, side_stream=True)
+    ema.apply(model)
+    plain.apply(model)
+    assert ("keep", (300, 300), "side") in recorder.log  # the large shadow, once
+    recorder.log.clear()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(torch.randn(4, 300)).sum().backward()
+    opt.step()  # the first apply's update (after the copies) is waited for
+    assert recorder.log == [("wait_event", "main", "side#1")]
+    recorder.log.clear()
+    ema.apply(model)
+    plain.apply(model)
+    log = recorder.log
+    assert log[0] == ("wait_stream", "side", "main")
+    assert log[1] == ("enter", "side") and ("exit", "side") in log
+    assert ("keep", (300, 300), "side") in log  # the parameter read on the side stream
+    assert log[-1] == ("record_event", "side#2")
+    recorder.log.clear()
+    opt.step()  # an optimizer step waits for the update (it writes what the update reads)
+    assert recorder.log == [("wait_event", "main", "side#2")]
+    ema.apply(model)
+    recorder.log.clear()
+    avg = ema.average(model)  # a read waits too
+    assert recorder.log == [("wait_event", "main", "side#3")]
+    ema.average(model)
+    assert len(recorder.log) == 1  # once: the event was consumed
+    plain.apply(model)
+    for name, want in plain.average(model).items():
+        torch.testing.assert_close(avg[name], want, rtol=0, atol=0)
+
+
+def test_side_stream_is_refused_where_there_are_no_streams() -> None:
+    with pytest.raises(ValueError, match=r"side_stream=True needs every parameter on one CUDA"):
+        emacore.EMA(0.9, side_stream=True).apply(_model())
+    with pytest.raises(ValueError, match="one decay profile"):
+        emacore.EMA((0.9, 0.99), side_stream=True)
+    with pytest.raises(ValueError, match="no device"):
+        emacore.EMA(0.9, side_stream=True, device="cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_side_stream_on_cuda_gives_the_numbers_of_the_plain_update() -> None:
+    torch.manual_seed(0)
+    model = _model().cuda()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    side = emacore.EMA(0.9, side_stream=True)
+    plain = emacore.EMA(0.9)
+    for _ in range(20):
+        model(torch.randn(8, model[0].in_features, device="cuda")).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        side.apply(model)
+        plain.apply(model)
+    for name, want in plain.average(model).items():
+        torch.testing.assert_close(side.average(model)[name], want, rtol=0, atol=0)
+    with side.swapped(model):
+        for name, p in model.state_dict().items():
+            torch.testing.assert_close(p, plain.average(model)[name], rtol=0, atol=0)
