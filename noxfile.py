@@ -174,6 +174,35 @@ def peers(session: nox.Session) -> None:
 
 
 @nox.session(python=PY)
+def schedule_fixtures(session: nox.Session) -> None:
+    """Regenerate tests/fixtures/schedule_fixtures.json from the real peers (torch_ema,
+    diffusers, timm, ema-pytorch), then run the schedule tests with pandas (not run in CI)."""
+    session.install("-e", ".", *TEST_DEPS, TORCH)  # TEST_DEPS brings pandas, the tests use it
+    session.install(TORCH, PEER_DIFFUSERS)
+    # --no-deps, as in `peers`: never let pip resolve torch (a CUDA build would replace it)
+    session.install("--no-deps", *PEERS)
+    session.run(
+        "python",
+        "tests/parity/generate_schedule_fixtures.py",
+        "--out",
+        "tests/fixtures/schedule_fixtures.json",
+    )
+    session.run(
+        "pytest",
+        "tests/core/test_schedules.py",
+        *session.posargs,
+        env={"EMACORE_TEST_BACKENDS": "torch"},
+    )
+
+
+@nox.session(python=PY)
+def bench_profiles(session: nox.Session) -> None:
+    """One EMA with K decay profiles vs K separate EMAs (numpy, torch, jax; CPU); prints a table."""
+    session.install("-e", ".", "numpy>=1.26", TORCH, *BACKEND_DEPS["jax"])
+    session.run("python", "benchmarks/bench_profiles.py", *session.posargs)
+
+
+@nox.session(python=PY)
 def bench_jax(session: nox.Session) -> None:
     """Benchmark the jax backend (CPU) against optax.ema, a hand-written jitted tree_map lerp and
     a flat floor, all jitted with the state donated; prints a markdown report."""

@@ -637,6 +637,10 @@ class JaxBackend(ArrayAPIBackend):
         """
         if isinstance(obj, jax.Array) or obj is None or type(obj) in (dict, list, tuple):
             return None
+        if hasattr(obj, "__array_namespace__") or hasattr(obj, "__array__"):
+            # another library's array (a torch tensor, perhaps inside torch.compile, which
+            # cannot trace jax): a leaf, without asking jax
+            return None
         flat, treedef = jax.tree_util.tree_flatten_with_path(obj, is_leaf=lambda x: x is not obj)
         if len(flat) == 1 and not flat[0][0] and flat[0][1] is obj:
             return None  # not a registered node: a leaf
