@@ -117,6 +117,11 @@ def _weak(x: Any) -> Callable[[], Any]:
         return lambda: x
 
 
+def _spec_of(schedule: Any) -> Any:
+    spec = getattr(schedule, "spec", None)
+    return spec() if spec is not None else repr(schedule)
+
+
 def _one_profile(decay: Any, num_updates: Any) -> Schedule:
     if isinstance(decay, bool):
         raise TypeError(f"decay must be a number or a schedule, got {decay!r}")
@@ -758,6 +763,9 @@ class ExponentialMovingAverage:
             _engine.check_floating(
                 [leaves[i] for i in new_idx], new_names, [backends[i] for i in new_idx]
             )
+            _engine.check_new(
+                [leaves[i] for i in new_idx], new_names, [backends[i] for i in new_idx]
+            )
             old_idx = [i for i, nm in enumerate(names) if nm is not None and nm in self._where]
             if old_idx:
                 pairs = [self._shadow_of(names[i]) for i in old_idx]
@@ -1373,6 +1381,10 @@ class ExponentialMovingAverage:
             "zero_debias": self._zero_debias,
             "compat": self._compat,
             "schedule": spec() if spec is not None else repr(self._schedule),
+            # every profile's, by name ({} for a single decay)
+            "schedules": {
+                name: _spec_of(schedule) for name, schedule in zip(self.profiles, self._schedules)
+            },
             "leaves": leaves,
             "copies": copies,
             "calls": self._calls,

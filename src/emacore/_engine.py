@@ -31,6 +31,7 @@ __all__ = [
     "apply_update_lanes",
     "averages",
     "check_floating",
+    "check_new",
     "check_pairs",
     "check_writable",
     "create_shadows",
@@ -76,6 +77,18 @@ def check_floating(
                 f"leaf {name!r} has dtype {leaf.dtype}; only real floating-point leaves can be "
                 "averaged (integer buffers such as step counters are not)"
             )
+
+
+def check_new(leaves: Sequence[Any], names: Sequence[str], backends: Sequence[Backend]) -> None:
+    """Let each backend refuse new leaves it cannot track together.
+
+    ``Backend.check_new`` is optional: torch refuses sharded DTensors mixed with plain tensors.
+    """
+    for backend in dict.fromkeys(backends):
+        check = getattr(backend, "check_new", None)
+        if check is not None:
+            idx = [i for i, b in enumerate(backends) if b is backend]
+            check([leaves[i] for i in idx], [names[i] for i in idx])
 
 
 def check_pairs(

@@ -100,6 +100,9 @@ class _Layout:
         self.size = size
         self.side: Any = None
         self.event: Any = None
+        # for DTensor parameters: the shadows are DTensors over these local shards, which
+        # the groups update (shard-local: no communication)
+        self.local: Sequence[Any] | None = None
 
     def wait(self) -> None:
         """Make the current stream wait for the update queued on the side stream."""
@@ -115,6 +118,30 @@ class _Layout:
             keys.setdefault((s.device, s.dtype), []).append(i)
         groups = [_Group(dev, dt, [], idx) for (dev, dt), idx in keys.items()]
         return _Layout(groups, len(shadows))
+
+
+_DTENSOR: Any = None  # torch.distributed.tensor.DTensor, once something could be one
+
+
+def _dtensor_type() -> Any:
+    global _DTENSOR
+    if _DTENSOR is None:
+        if not torch.distributed.is_available():
+            _DTENSOR = ()
+        else:
+            from torch.distributed.tensor import DTensor
+
+            _DTENSOR = DTensor
+    return _DTENSOR
+
+
+def _is_dtensor(x: Any) -> bool:
+    return isinstance(x, _dtensor_type())
+
+
+def _local(x: Any) -> Any:
+    """A DTensor's shard on this process (no communication); other tensors as they are."""
+    return x._local_tensor if _is_dtensor(x) else x
 
 
 class _CudaStreams:
@@ -211,6 +238,8 @@ class TorchBackend(ArrayAPIBackend):
         """
         if layout not in LAYOUTS:
             raise ValueError(f"torch backend: layout must be one of {LAYOUTS}, got {layout!r}")
+        if params and _is_dtensor(params[0]):
+            return self._create_distributed(params, zeros, layout)
         limit = {"auto": SMALL, "flat": float("inf"), "separate": 0}[layout]
         out = ShadowList([None] * len(params))
         keys: dict[tuple[torch.device, torch.dtype], list[int]] = {}
@@ -243,6 +272,72 @@ class TorchBackend(ArrayAPIBackend):
         out.backend_data = _Layout(groups, len(params))
         return out
 
+    def _create_distributed(self, params: Sequence[Any], zeros: bool, layout: str) -> ShadowList:
+        """DTensor shadows with each parameter's mesh and placements.
+
+        They wrap local shards laid out as any tensors (packed and all), which the update
+        touches alone.
+        """
+        self.check_new(params, [f"#{i}" for i in range(len(params))])
+        local = self.create_shadows([_local(p) for p in params], zeros=zeros, layout=layout)
+        dtensor = _dtensor_type()
+        out = ShadowList(
+            dtensor.from_local(
+                s,
+                p.device_mesh,
+                p.placements,
+                run_check=False,
+                shape=p.shape,
+                stride=p.stride(),
+            )
+            for s, p in zip(local, params)
+        )
+        notes: _Layout = getattr(local, "backend_data")  # noqa: B009 (a ShadowList's notes)
+        notes.local = local
+        out.backend_data = notes
+        return out
+
+    def check_new(self, params: Sequence[Any], names: Sequence[str]) -> None:
+        """Refuse a mix of sharded (DTensor) and plain tensors among new leaves."""
+        flags = [_is_dtensor(p) for p in params]
+        if any(flags) and not all(flags):
+            sharded = names[flags.index(True)]
+            plain = names[flags.index(False)]
+            raise ValueError(
+                f"torch backend: leaf {sharded!r} is a DTensor (sharded) but leaf {plain!r} is "
+                "a plain tensor: shard the whole model (fully_shard the root module too), or "
+                "keep one EMA for each"
+            )
+
+    def _update_distributed(
+        self, shadows: Sequence[Any], params: Sequence[Any], c: Any, inplace: bool, exact: bool
+    ) -> list[Any]:
+        """The update of DTensor shadows on their local shards: no communication."""
+        for i, (s, p) in enumerate(zip(shadows, params)):
+            if not _is_dtensor(p) or not _is_dtensor(s):
+                raise ValueError(f"parameter #{i}: a DTensor shadow needs a DTensor parameter")
+            if p.placements != s.placements or p.device_mesh != s.device_mesh:
+                raise ValueError(
+                    f"parameter #{i} has placements {p.placements} on {p.device_mesh}, its "
+                    f"shadow {s.placements} on {s.device_mesh}"
+                )
+        notes = getattr(shadows, "backend_data", None)
+        local: Sequence[Any] | None = None
+        if isinstance(notes, _Layout) and notes.size == len(shadows):
+            local = notes.local
+        if local is None:
+            local = [_local(s) for s in shadows]
+        new = self.update(local, [_local(p) for p in params], c, inplace=inplace, exact=exact)
+        if inplace:
+            return list(shadows)  # the DTensors share their shards' storage
+        dtensor = _dtensor_type()
+        return [
+            dtensor.from_local(
+                n, s.device_mesh, s.placements, run_check=False, shape=s.shape, stride=s.stride()
+            )
+            for n, s in zip(new, shadows)
+        ]
+
     def update(
         self,
         shadows: Sequence[Any],
@@ -252,7 +347,12 @@ class TorchBackend(ArrayAPIBackend):
         inplace: bool,
         exact: bool = True,
     ) -> list[Any]:
-        """Update every shadow toward its parameter; every check before the first write."""
+        """Update every shadow toward its parameter; every check before the first write.
+
+        DTensor parameters (FSDP2, tensor parallelism) update their local shards only.
+        """
+        if shadows and (_is_dtensor(shadows[0]) or _is_dtensor(params[0])):
+            return self._update_distributed(shadows, params, c, inplace, exact)
         with torch.no_grad():
             if not inplace:
                 shadows = self._copy(shadows)
@@ -290,6 +390,7 @@ class TorchBackend(ArrayAPIBackend):
         if (
             not inplace
             or torch.compiler.is_compiling()
+            or (shadow_lists[0] and _is_dtensor(shadow_lists[0][0]))
             or not isinstance(first, _Layout)
             or not all(
                 isinstance(lay, _Layout)
@@ -486,7 +587,12 @@ class TorchBackend(ArrayAPIBackend):
         """Shadows are ours and plain tensors: always writable."""
 
     def to_host(self, x: Any) -> Any:
-        """Return a detached CPU tensor numpy can read."""
+        """Return a detached CPU tensor numpy can read.
+
+        A DTensor is gathered whole first: a collective, so every process must call it.
+        """
+        if _is_dtensor(x):
+            x = x.full_tensor()
         return x.detach().cpu()
 
     def to_device(self, x: Any, device: Any) -> Any:
