@@ -203,6 +203,13 @@ def bench_profiles(session: nox.Session) -> None:
 
 
 @nox.session(python=PY)
+def bench_distributed(session: nox.Session) -> None:
+    """Shard-local EMA vs gather-then-update on a DTensor model, 2 gloo processes (CPU)."""
+    session.install("-e", ".", "numpy>=1.26", TORCH)
+    session.run("python", "benchmarks/bench_distributed.py", *session.posargs)
+
+
+@nox.session(python=PY)
 def bench_jax(session: nox.Session) -> None:
     """Benchmark the jax backend (CPU) against optax.ema, a hand-written jitted tree_map lerp and
     a flat floor, all jitted with the state donated; prints a markdown report."""
