@@ -55,3 +55,13 @@ def test_two_processes_keep_shardings_and_communicate_nothing(tmp_path: Path) ->
     for i, (code, out, err) in enumerate(outs):
         assert code == 0, f"process {i}:\n{out}\n{err[-4000:]}"
         assert out.strip().splitlines()[-1] == f"ok {i}"
+
+
+def test_the_jax_sharding_example_runs() -> None:
+    example = Path(__file__).parents[2] / "examples" / "jax_sharded_ema.py"
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    done = subprocess.run(
+        [sys.executable, str(example)], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert done.stdout.startswith("P('data', 'model')")

@@ -49,3 +49,13 @@ def test_fsdp2_updates_are_shard_local_and_checkpoints_reshard(tmp_path: Path) -
     ]
     out = _run(1, "reload", tmp_path)  # saved by two processes, loaded by one
     assert "ok reload 0 1" in out
+
+
+def test_the_fsdp2_example_runs() -> None:
+    example = Path(__file__).parents[2] / "examples" / "fsdp2_ema.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    cmd += ["--nproc_per_node=2", str(example)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert "DTensor (Shard(dim=0),) (16, 16)" in done.stdout
