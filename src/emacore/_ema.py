@@ -167,9 +167,10 @@ class ExponentialMovingAverage:
 
     Parameters
     ----------
-    decay : float or Schedule
+    decay : float, Schedule, or a tuple/list/dict of them
         The decay in [0, 1], typically close to 1 (0.999, 0.9999); or a schedule, a callable of
-        the step (see `emacore.schedules`).
+        the step (see `emacore.schedules`). Several (``(0.999, 0.9999)``, or a dict naming
+        them) keep one shadow per decay profile, updated in the same call: see `profiles`.
     num_updates : int, 0-d array, callable or None
         TF's optional update counter. When given, the decay used by each ``apply`` is
         ``min(decay, (1 + n) / (10 + n))`` with ``n`` its value *at that apply*. Pass a 0-d
@@ -262,7 +263,7 @@ class ExponentialMovingAverage:
 
     def __init__(
         self,
-        decay: float | Schedule,
+        decay: float | Schedule | Sequence[float | Schedule] | Mapping[str, float | Schedule],
         num_updates: Any = None,
         zero_debias: bool = False,
         name: str = "ExponentialMovingAverage",
@@ -369,7 +370,9 @@ class ExponentialMovingAverage:
     # -- TF's read-only attributes -------------------------------------------------------
 
     @property
-    def decay(self) -> float | Schedule:
+    def decay(
+        self,
+    ) -> float | Schedule | Sequence[float | Schedule] | Mapping[str, float | Schedule]:
         """The decay given to the constructor."""
         return self._decay
 
