@@ -1438,7 +1438,7 @@ class ExponentialMovingAverage:
                         f"match the tracked shadow's {tuple(shadow.shape)}"
                     )
         keep = {nm: rec for nm, rec in leaves.items() if not current or nm in current}
-        arrays = [rec["shadow"] for rec in keep.values()]
+        arrays = [self._placed_like(nm, rec["shadow"]) for nm, rec in keep.items()]
         backends = _engine.resolve_backends(arrays, list(keep), self._backend_name)
         _engine.check_floating(arrays, list(keep), backends)
         kept_copies = {nm: a for nm, a in loaded_copies.items() if not current or nm in current}
@@ -1476,6 +1476,14 @@ class ExponentialMovingAverage:
             if nm not in self._order:
                 self._order.append(nm)
         return LoadResult(missing, unexpected)
+
+    def _placed_like(self, name: str, array: Any) -> Any:
+        """A loaded shadow laid out as the one it replaces (a whole array sharded again)."""
+        if name not in self._where:
+            return array
+        current, backend = self._shadow_of(name)
+        place = getattr(backend, "placed_like", None)
+        return array if place is None else place(array, current)
 
     def _install(
         self,

@@ -297,6 +297,20 @@ class TorchBackend(ArrayAPIBackend):
         out.backend_data = notes
         return out
 
+    def placed_like(self, x: Any, like: Any) -> Any:
+        """``x`` (a loaded shadow) laid out as ``like``, the shadow it replaces.
+
+        A whole tensor (from a portable checkpoint) replacing a DTensor is sharded the same
+        way: each process keeps its own shard.
+        """
+        if not _is_dtensor(like) or _is_dtensor(x) or not isinstance(x, torch.Tensor):
+            return x
+        from torch.distributed.tensor import distribute_tensor
+
+        local = like.to_local()
+        whole = x.detach().to(device=local.device, dtype=local.dtype)
+        return distribute_tensor(whole, like.device_mesh, like.placements)
+
     def check_new(self, params: Sequence[Any], names: Sequence[str]) -> None:
         """Refuse a mix of sharded (DTensor) and plain tensors among new leaves."""
         flags = [_is_dtensor(p) for p in params]

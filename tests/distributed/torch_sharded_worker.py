@@ -5,7 +5,8 @@ and must communicate nothing; the averages (gathered whole, outside the EMA) are
 float64 math; ``swapped`` puts them in and takes them out; the EMA state is saved through
 ``torch.distributed.checkpoint`` (sharded) and the expected averages to ``DIR/expected.npz``.
 ``reload DIR``: any number of processes: a new EMA over the same model loads the sharded
-checkpoint (resharded onto this world size) and must report the same averages.
+checkpoint (resharded onto this world size) and must report the same averages; so must one
+loaded from the portable (whole-array) export.
 """
 
 from __future__ import annotations
@@ -81,6 +82,8 @@ def train(out: str) -> None:
     else:
         raise AssertionError("a mix of sharded and plain parameters was accepted")
     dcp.save({"ema": ema.state_dict()}, checkpoint_id=os.path.join(out, "ckpt"))
+    # the portable export gathers each shadow whole: every process joins, rank 0's file counts
+    emacore.save(ema, os.path.join(out, f"portable{dist.get_rank()}.safetensors"))
     if dist.get_rank() == 0:
         np.savez(os.path.join(out, "expected.npz"), **{k: v / (1 - prod) for k, v in ref.items()})
     print("ok train", dist.get_rank())
@@ -95,6 +98,13 @@ def reload(out: str) -> None:
     ema.load_state_dict(state["ema"])
     expected = np.load(os.path.join(out, "expected.npz"))
     for name, avg in ema.average(model).items():
+        np.testing.assert_allclose(full(avg), expected[name], rtol=1e-6, atol=1e-7)
+    # the portable file, whole arrays, sharded again for this world size
+    other = emacore.EMA(0.75, zero_debias=True)
+    other.apply(model)
+    emacore.load_into(other, os.path.join(out, "portable0.safetensors"))
+    for name, avg in other.average(model).items():
+        assert isinstance(avg, DTensor), (name, type(avg))
         np.testing.assert_allclose(full(avg), expected[name], rtol=1e-6, atol=1e-7)
     print("ok reload", dist.get_rank(), dist.get_world_size())
 
