@@ -28,7 +28,7 @@ BACKEND_DEPS = {
     "numpy": [],
     "array_api_strict": [],
     "torch": [TORCH],
-    "jax": ["jax", "optax"],  # plain jax from PyPI is the CPU build
+    "jax": ["jax", "optax", "orbax-checkpoint"],  # plain jax from PyPI is the CPU build
 }
 
 

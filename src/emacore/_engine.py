@@ -436,5 +436,8 @@ def _divide(backend: Backend, s: Any, divisor: float) -> Any:
     but XLA rewrites a division by a constant into a multiplication by its reciprocal, which
     is off by an ulp; a 0-d array operand stays a true division.
     """
+    scalar = getattr(backend, "scalar_like", None)  # optional: where a 0-d array goes
+    if scalar is not None:
+        return s / scalar(divisor, s)
     xp = backend.namespace(s)
     return s / xp.asarray(divisor, dtype=s.dtype, device=backend.device(s))

@@ -619,6 +619,14 @@ class JaxBackend(ArrayAPIBackend):
                 out += arrays
         return [_Packed(plan, out) for plan, out in zip(plans, outs)]  # type: ignore[arg-type]
 
+    def scalar_like(self, value: float, x: Any) -> Any:
+        """A 0-d array of ``x``'s dtype to combine with ``x``.
+
+        Uncommitted, so jit places it next to ``x`` whatever its sharding (a 0-d array cannot
+        take a sharding of rank 1).
+        """
+        return jnp.asarray(value, dtype=x.dtype)
+
     def all_finite(self, params: Sequence[Any]) -> list[bool]:
         """Whether each array is finite: one compiled reduction, one transfer."""
         if not params:

@@ -3,7 +3,8 @@
 ``python jax_multiprocess_worker.py PORT PROCESS_ID DIR``: joins a 2-process
 ``jax.distributed`` run (gloo CPU collectives), makes a parameter sharded over both
 processes' devices, and checks that the EMA keeps its sharding, that the compiled update
-contains no collective, and that the averages of this process's shards are right.
+contains no collective, and that the averages of this process's shards are right; then saves
+the EMA through orbax (each process its shards, into ``DIR``) and restores it replicated.
 """
 
 from __future__ import annotations
@@ -50,6 +51,19 @@ def main(port: str, process_id: str, out: str) -> None:
     gathered = jax.jit(lambda s, p: s + 0.5 * (p - s), out_shardings=NamedSharding(mesh, P()))
     text = gathered.lower(avg, make(0.0)).compile().as_text()
     assert "all-gather" in text or "all-reduce" in text, text
+    # sharded save (each process writes its shards), restored replicated instead
+    from emacore.integrations import orbax as eo
+
+    eo.save(ema, f"{out}/ema")
+    replicated = NamedSharding(mesh, P())
+    zeros = jax.make_array_from_callback(whole.shape, replicated, lambda idx: 0 * whole[idx])
+    other = emacore.EMA(0.5)
+    other.apply({"w": zeros})
+    eo.load_into(other, f"{out}/ema")
+    back = other.average({"w": zeros})["w"]
+    assert back.sharding == replicated, back.sharding
+    for shard in back.addressable_shards:
+        np.testing.assert_array_equal(np.asarray(shard.data), whole + 1.0)
     print("ok", jax.process_index(), flush=True)
 
 
