@@ -1483,7 +1483,12 @@ class ExponentialMovingAverage:
             return array
         current, backend = self._shadow_of(name)
         place = getattr(backend, "placed_like", None)
-        return array if place is None else place(array, current)
+        if place is None:
+            return array
+        try:
+            return place(array, current)
+        except ValueError as exc:
+            raise StateDictError(f"leaf {name!r}: {exc}") from None
 
     def _install(
         self,

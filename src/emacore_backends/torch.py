@@ -303,7 +303,15 @@ class TorchBackend(ArrayAPIBackend):
         A whole tensor (from a portable checkpoint) replacing a DTensor is sharded the same
         way: each process keeps its own shard.
         """
-        if not _is_dtensor(like) or _is_dtensor(x) or not isinstance(x, torch.Tensor):
+        if _is_dtensor(like) and _is_dtensor(x):
+            if x.device_mesh != like.device_mesh or x.placements != like.placements:
+                raise ValueError(
+                    f"it is sharded as {x.placements} on {x.device_mesh}, the model's shadow "
+                    f"as {like.placements} on {like.device_mesh}: load it through "
+                    "torch.distributed.checkpoint into ema.state_dict(), which reshards"
+                )
+            return x
+        if not _is_dtensor(like) or not isinstance(x, torch.Tensor):
             return x
         from torch.distributed.tensor import distribute_tensor
 

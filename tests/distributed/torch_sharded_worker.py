@@ -106,6 +106,21 @@ def reload(out: str) -> None:
     for name, avg in other.average(model).items():
         assert isinstance(avg, DTensor), (name, type(avg))
         np.testing.assert_allclose(full(avg), expected[name], rtol=1e-6, atol=1e-7)
+    # a state dict sharded on another mesh is refused, naming the leaf
+    if dist.get_world_size() == 1:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Replicate, distribute_tensor
+
+        moved = ema.state_dict()
+        rec = moved["leaves"]["0.weight"]
+        mesh = init_device_mesh("cpu", (1,), mesh_dim_names=("other",))
+        rec["shadow"] = distribute_tensor(rec["shadow"].full_tensor(), mesh, [Replicate()])
+        try:
+            ema.load_state_dict(moved)
+        except emacore.StateDictError as exc:
+            assert "leaf '0.weight': it is sharded as" in str(exc), exc  # noqa: PT017
+        else:
+            raise AssertionError("a shadow sharded on another mesh was loaded")
     print("ok reload", dist.get_rank(), dist.get_world_size())
 
 
