@@ -104,7 +104,17 @@ def demo_jax(session: nox.Session) -> None:
 
 @nox.session(python=PY)
 def bench(session: nox.Session) -> None:
-    """Benchmark the update against hand-written loops and the bandwidth floor."""
+    """The benchmark report: numpy, torch (with its peers) and jax (with optax) benchmarks,
+    their markdown tables and plots of time against model size in docs/benchmarks."""
+    session.install("-e", ".", "numpy>=1.26", TORCH, "matplotlib", *BACKEND_DEPS["jax"])
+    session.install("--no-deps", *BENCH_TORCH_PEERS_NO_DEPS)
+    session.install(*BENCH_TORCH_PEERS, TORCH)
+    session.run("python", "benchmarks/report.py", "--out", "docs/benchmarks", *session.posargs)
+
+
+@nox.session(python=PY)
+def bench_numpy(session: nox.Session) -> None:
+    """Benchmark the numpy backend against hand-written loops and the bandwidth floor."""
     session.install("-e", ".", "numpy>=1.26")
     session.run("python", "benchmarks/bench_update.py", *session.posargs)
 

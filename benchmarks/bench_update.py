@@ -1,6 +1,7 @@
 """Time one EMA update step of emacore against hand-written numpy and the memory-bandwidth floor.
 
-Run ``python benchmarks/bench_update.py`` (or ``nox -s bench``); it prints a markdown report.
+Run ``python benchmarks/bench_update.py`` (or ``nox -s bench_numpy``; ``nox -s bench`` runs it
+with the torch and jax benchmarks into the report); it prints a markdown report.
 
 For every parameter set of ``bench_shapes.json`` (next to this script; float32, decay 0.999) it
 times, side by side in one run:
