@@ -51,6 +51,38 @@ def tests(session: nox.Session, backend: str) -> None:
     )
 
 
+# The Lightning packages and torchmetrics require torch: installed without their dependencies so
+# pip never replaces the pinned CPU build (a resolver free to satisfy `torch>=2.1` may fetch a
+# multi-GB CUDA one). Their other requirements are installed explicitly (fsspec without its
+# [http] extra: checkpoints are local files here). pytorch-lightning is the standalone package
+# `lightning` declares; the tests run the callback on both.
+LIGHTNING_NO_DEPS = ["lightning==2.6.6", "pytorch-lightning==2.6.6", "torchmetrics==1.9.0"]
+LIGHTNING_DEPS = [
+    "lightning-utilities>=0.10",
+    "fsspec>=2022.5",
+    "pyyaml>5.4",
+    "tqdm>=4.57",
+    "packaging>=23",
+    "typing-extensions>4.5",
+]
+
+
+@nox.session(python=PY)
+def integrations(session: nox.Session) -> None:
+    """The Lightning and Keras 3 callbacks with the real libraries (Keras on jax, torch, numpy)."""
+    session.install("-e", ".", "pytest>=8", "hypothesis>=6.100", "numpy>=1.26", TORCH)
+    session.install(TORCH, "jax", "keras>=3")  # keras requires no framework; the pin holds torch
+    session.install("--no-deps", *LIGHTNING_NO_DEPS)
+    session.install(TORCH, *LIGHTNING_DEPS)
+    session.run(
+        "pytest",
+        "tests/integrations",
+        *session.posargs,
+        # a framework that cannot import fails these tests instead of skipping them
+        env={"EMACORE_TEST_INTEGRATIONS": "lightning,keras"},
+    )
+
+
 @nox.session(python=PY)
 def lint(session: nox.Session) -> None:
     """ruff check and ruff format --check."""
@@ -129,6 +161,10 @@ def parity(session: nox.Session) -> None:
         "--out",
         "tests/fixtures/tf_parity.json",
     )
+    # the docs' TensorFlow blocks, run with TensorFlow (their printed numbers are checked in
+    # every session by test_the_seed_example_prints_the_same_numbers_everywhere)
+    session.install("-e", ".", *TEST_DEPS)
+    session.run("pytest", "tests/core/test_docs.py", env={"EMACORE_TEST_TF": "1"})
 
 
 @nox.session(python=PY)

@@ -2,11 +2,15 @@
 
 ```python blocks need numpy only and run in every session. Framework examples are tagged
 ```py-torch or ```py-jax and run in the session whose ``EMACORE_TEST_BACKENDS`` names that
-framework (``py-tf`` blocks, TensorFlow code shown for comparison, never run).
+framework; ``py-tf`` blocks (TensorFlow code shown for comparison) run where
+``EMACORE_TEST_TF=1`` (``nox -s parity``, which installs TensorFlow). ``py-example`` blocks
+include scripts of ``examples/`` that need several processes: ``tests/distributed`` runs them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import re
 from pathlib import Path
@@ -18,6 +22,8 @@ import emacore
 DOCS = Path(__file__).parents[2] / "docs"
 REQUESTED = os.environ.get("EMACORE_TEST_BACKENDS", "")
 TAGS = ["python"] + [f"py-{lib}" for lib in ("torch", "jax") if lib in REQUESTED]
+if os.environ.get("EMACORE_TEST_TF") == "1":
+    TAGS = ["py-tf"]
 CASES = [
     (tag, page)
     for tag in TAGS
@@ -56,3 +62,22 @@ def test_docs_page_blocks_run(tag: str, page: Path) -> None:
 def test_every_requested_framework_has_a_page() -> None:
     for tag in TAGS:
         assert sum(1 for t, _ in CASES if t == tag) >= (3 if tag == "python" else 1), tag
+
+
+def test_the_seed_example_prints_the_same_numbers_everywhere() -> None:
+    """The TensorFlow page's seed example: every framework's block prints TF's numbers."""
+    text = (DOCS / "tensorflow.md").read_text()
+    blocks: dict[str, str] = {}
+    for tag, body in re.findall(r"```(py-tf|python|py-torch|py-jax)\n(.*?)```", text, re.S):
+        blocks.setdefault(tag, body)  # the first block of each: the seed example
+    printed = {
+        tag: re.findall(r"# ([0-9.]+)$", blocks[tag], flags=re.M)
+        for tag in ("py-tf", "python", "py-torch", "py-jax")
+    }
+    assert printed["py-tf"] == ["0.0", "4.5", "4.555", "4.60945"]
+    assert all(p == printed["py-tf"] for p in printed.values()), printed
+    for tag in ("python", *[t for t in TAGS if t in ("py-torch", "py-jax")]):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            exec(blocks[tag], {"__name__": "__docs_seed__"})
+        assert out.getvalue().split() == printed["py-tf"], (tag, out.getvalue())
