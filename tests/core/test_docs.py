@@ -3,7 +3,7 @@
 ```python blocks need numpy only and run in every session. Framework examples are tagged
 ```py-torch or ```py-jax and run in the session whose ``EMACORE_TEST_BACKENDS`` names that
 framework; ``py-tf`` blocks (TensorFlow code shown for comparison) run where
-``EMACORE_TEST_TF=1`` (``nox -s parity``, which installs TensorFlow). ``py-example`` blocks
+``EMACORE_TEST_TF=1`` (``nox -s parity``, which installs TensorFlow). ``example-py`` blocks
 include scripts of ``examples/`` that need several processes: ``tests/distributed`` runs them.
 """
 
