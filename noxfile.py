@@ -10,7 +10,7 @@ import nox
 
 nox.options.default_venv_backend = "venv"
 # `nox` with no arguments is the test command (README, .ci/run)
-nox.options.sessions = ["tests", "peers", "lint", "typecheck", "docs"]
+nox.options.sessions = ["tests", "peers", "integrations", "lint", "typecheck", "docs"]
 nox.options.error_on_missing_interpreters = True
 
 PY = "3.11"  # torch==2.13.0 (the CPU build on this machine's disk) exists for 3.11 only

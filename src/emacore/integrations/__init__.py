@@ -1,5 +1,7 @@
 """Thin adapters between emacore and the libraries training loops are built on.
 
-Each module imports its library at module level, so import it explicitly
-(``from emacore.integrations import optax as ema_optax``); ``import emacore`` loads none.
+Import each module explicitly (``from emacore.integrations.lightning import EMACallback``):
+``optax`` (a ``GradientTransformation``), ``lightning`` (a PyTorch Lightning callback) and
+``keras`` (a Keras 3 callback). Each imports its framework on first use, so importing them,
+like ``import emacore``, loads no framework.
 """
