@@ -428,8 +428,20 @@ class PowerWarmup:
 # -- constant decays from pandas' parametrisations -------------------------------------
 
 
+class _StepFree:
+    """A schedule whose decay is the same at every step (pandas' parameters)."""
+
+    @property
+    def decay(self) -> float:  # pragma: no cover - each subclass defines it
+        raise NotImplementedError
+
+    def __call__(self, step: Any, /) -> float:
+        """Return `decay`; ``step`` is ignored."""
+        return self.decay
+
+
 @dataclass(frozen=True)
-class HalfLife:
+class HalfLife(_StepFree):
     """The decay with which an average forgets half its weight in ``halflife`` steps.
 
     ```text
@@ -464,17 +476,13 @@ class HalfLife:
         """``2^(−1/halflife)``."""
         return float(2.0 ** (-1.0 / self.halflife))  # float ** float is typed as Any
 
-    def __call__(self, step: Any, /) -> float:
-        """Return `decay`; ``step`` is ignored."""
-        return self.decay
-
     def spec(self) -> dict[str, Any]:
         """A JSON-serialisable description of this schedule."""
         return {"kind": "half_life", "halflife": self.halflife}
 
 
 @dataclass(frozen=True)
-class Span:
+class Span(_StepFree):
     """pandas' ``ewm(span=...)``: the decay whose average has the "span" of an N-step mean.
 
     ```text
@@ -510,17 +518,13 @@ class Span:
         """``1 − 1/(1 + (span − 1)/2)`` (= ``1 − 2/(span + 1)``)."""
         return 1.0 - 1.0 / (1.0 + (self.span - 1.0) / 2.0)
 
-    def __call__(self, step: Any, /) -> float:
-        """Return `decay`; ``step`` is ignored."""
-        return self.decay
-
     def spec(self) -> dict[str, Any]:
         """A JSON-serialisable description of this schedule."""
         return {"kind": "span", "span": self.span}
 
 
 @dataclass(frozen=True)
-class CenterOfMass:
+class CenterOfMass(_StepFree):
     """pandas' ``ewm(com=...)``: the decay whose weights' center of mass is ``com`` steps back.
 
     ```text
@@ -552,10 +556,6 @@ class CenterOfMass:
     def decay(self) -> float:
         """``1 − 1/(1 + com)``."""
         return 1.0 - 1.0 / (1.0 + self.com)
-
-    def __call__(self, step: Any, /) -> float:
-        """Return `decay`; ``step`` is ignored."""
-        return self.decay
 
     def spec(self) -> dict[str, Any]:
         """A JSON-serialisable description of this schedule."""

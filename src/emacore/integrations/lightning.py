@@ -32,6 +32,7 @@ from typing import Any
 
 from emacore._ema import ExponentialMovingAverage
 from emacore.errors import StateDictError
+from emacore.integrations import _callbacks
 from emacore.schedules import Schedule
 
 __all__ = ["EMACallback", "STAGES"]
@@ -137,15 +138,11 @@ class EMACallback:
         **ema_options: Any,
     ) -> None:
         super().__init__()
-        stages = (swap_for,) if isinstance(swap_for, str) else tuple(swap_for)
-        unknown = [s for s in stages if s not in STAGES]
-        if unknown:
-            raise ValueError(f"swap_for: unknown stages {unknown}; expected some of {STAGES}")
-        if not isinstance(copy_at_end, bool):
-            raise TypeError(f"copy_at_end must be True or False, got {copy_at_end!r}")
+        swap = _callbacks.stages(swap_for, STAGES)
+        copy_at_end = _callbacks.flag("copy_at_end", copy_at_end)
         self._ema = ExponentialMovingAverage(decay, **ema_options)
         self._offload = ema_options.get("device") is not None
-        self._swap_for = frozenset(stages)
+        self._swap_for = swap
         self._copy_at_end = copy_at_end
         self._last_step: int | None = None
         self._pending: Mapping[str, Any] | None = None
