@@ -137,11 +137,12 @@ def demo_jax(session: nox.Session) -> None:
 @nox.session(python=PY)
 def bench(session: nox.Session) -> None:
     """The benchmark report: numpy, torch (with its peers) and jax (with optax) benchmarks,
-    their markdown tables and plots of time against model size in docs/benchmarks."""
+    their markdown tables (benchmarks/results) and plots of time against model size
+    (docs/benchmarks), which the docs' benchmark page shows."""
     session.install("-e", ".", "numpy>=1.26", TORCH, "matplotlib", *BACKEND_DEPS["jax"])
     session.install("--no-deps", *BENCH_TORCH_PEERS_NO_DEPS)
     session.install(*BENCH_TORCH_PEERS, TORCH)
-    session.run("python", "benchmarks/report.py", "--out", "docs/benchmarks", *session.posargs)
+    session.run("python", "benchmarks/report.py", *session.posargs)
 
 
 @nox.session(python=PY)

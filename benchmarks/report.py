@@ -1,9 +1,10 @@
 """The benchmark report: run the numpy, torch and jax benchmarks, write their tables and plots.
 
-``nox -s bench`` runs this: ``python benchmarks/report.py --out docs/benchmarks``. It runs
-``bench_update.py`` (numpy), ``bench_torch.py`` (torch and its EMA libraries) and
-``bench_jax.py`` (jax and optax), one after the other, each writing its markdown report to
-``<out>/<backend>.md``, then draws one plot per backend, ``<out>/<backend>.png``: the median
+``nox -s bench`` runs this: ``python benchmarks/report.py``. It runs ``bench_update.py``
+(numpy), ``bench_torch.py`` (torch and its EMA libraries) and ``bench_jax.py`` (jax and
+optax), one after the other, each writing its markdown report to ``<tables>/<backend>.md``
+(default ``benchmarks/results``), then draws one plot per backend, ``<out>/<backend>.png``
+(default ``docs/benchmarks``): the median
 time of one update step against the number of parameters of each set of ``bench_shapes.json``
 (log-log), one line per method, the bandwidth floor dashed. ``--skip-run`` redraws from the
 markdown already there. The docs' benchmark page includes the tables and the plots.
@@ -81,14 +82,16 @@ def plot(backend: str, table: dict[str, dict[str, float]], path: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Run the benchmarks (unless ``--skip-run``) and draw the plots."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
+    parser.add_argument("--out", type=Path, default=Path("docs/benchmarks"), help="plots")
+    parser.add_argument("--tables", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--backends", nargs="+", default=list(SCRIPTS), choices=list(SCRIPTS))
     parser.add_argument("--repeat", type=int, default=None, help="passed on to the scripts")
     parser.add_argument("--skip-run", action="store_true", help="redraw from existing tables")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    args.tables.mkdir(parents=True, exist_ok=True)
     for backend in args.backends:
-        md = args.out / f"{backend}.md"
+        md = args.tables / f"{backend}.md"
         if not args.skip_run:
             cmd = [sys.executable, str(HERE / SCRIPTS[backend]), "--markdown", str(md)]
             if args.repeat is not None:

@@ -9,6 +9,7 @@ averages against float64 math and ``swapped``, and saves the EMA state through
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -43,10 +44,8 @@ def _run(nproc: int, mode: str, out: Path) -> str:
 
 def test_fsdp2_updates_are_shard_local_and_checkpoints_reshard(tmp_path: Path) -> None:
     out = _run(2, "train", tmp_path)
-    assert sorted(line for line in out.splitlines() if line.startswith("ok")) == [
-        "ok train 0",
-        "ok train 1",
-    ]
+    # the two processes share one stdout: their lines may interleave
+    assert sorted(re.findall(r"ok train \d", out)) == ["ok train 0", "ok train 1"], out
     out = _run(1, "reload", tmp_path)  # saved by two processes, loaded by one
     assert "ok reload 0 1" in out
 
