@@ -33,6 +33,7 @@ Design invariants:
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import math
 import os
@@ -335,13 +336,12 @@ def _encode_tree(treedef: Any) -> Any:
 def _numpy() -> Any:
     """numpy, the host format every backend converts through (imported on first use)."""
     try:
-        import numpy
+        return importlib.import_module("numpy")
     except ImportError:
         raise ImportError(
             "emacore checkpoints go through numpy on the host: pip install numpy "
             "(or emacore[numpy])"
         ) from None
-    return numpy
 
 
 def _dtype_name(dtype: Any) -> str:

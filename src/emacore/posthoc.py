@@ -41,23 +41,23 @@ Design invariants:
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from emacore import _pytree
 from emacore._state_dict import STATE_FORMAT
 from emacore.errors import LeafDTypeError, LeafMismatchError, StructureError
 from emacore.schedules import PowerFunction
 
-if TYPE_CHECKING:  # numpy is imported lazily at run time: see the module docstring
-    import numpy as np
-    from numpy.typing import ArrayLike, NDArray
-
-    Float64Array = NDArray[np.float64]
+# numpy is imported on first use (see the module docstring), so its array types are Any here:
+# ArrayLike is anything numpy.asarray takes, Float64Array a float64 numpy array
+ArrayLike = Any
+Float64Array = Any
 
 __all__ = [
     # the closed forms
@@ -86,9 +86,7 @@ Its value is a JSON object ``{"t": <time>, "gamma": <exponent>, "sigma_rel": <wi
 
 
 def _np() -> Any:
-    import numpy as np  # lazily: `import emacore` imports no array library
-
-    return np
+    return importlib.import_module("numpy")  # on first use: `import emacore` imports none
 
 
 # -- the closed forms ------------------------------------------------------------------------------

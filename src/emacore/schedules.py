@@ -31,6 +31,7 @@ computes them (``tf_value``), in float32, for ``compat="tensorflow"``.
 
 from __future__ import annotations
 
+import importlib
 import math
 import operator
 from collections.abc import Callable, Mapping
@@ -633,7 +634,8 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
             "(larger values need gamma < 0)"
         )
     try:
-        import numpy as np  # only here: the core imports no array library at module level
+        # only here: the core imports no array library at module level
+        np = importlib.import_module("numpy")
     except ImportError:  # pragma: no cover - numpy is everywhere the tests run
         raise ImportError(
             "sigma_rel_to_gamma needs numpy (it solves EDM2's cubic with numpy.roots); "
