@@ -158,6 +158,28 @@ def _profiles(decay: Any, num_updates: Any) -> tuple[tuple[str, ...], list[Sched
     return tuple(names), schedules
 
 
+@dataclass
+class _ModuleCache:
+    """What ``apply(model)`` found last time, to skip the walk by name while nothing changed.
+
+    Positions, not tensors: the cache must not keep a deleted model's tensors alive. With a
+    backend ``snapshot`` (torch: the ids of every module's tensors, in order, and the roles'
+    inputs), a step that finds the same snapshot skips ``named_leaves`` too.
+    """
+
+    module: int
+    fingerprint: Any
+    avg_idx: list[int]
+    group: _Group | None
+    copy_idx: list[int]
+    copy_names: list[str]
+    copy_backends: list[Backend]
+    snapshot: Callable[[Any], tuple[Any, list[Any]]] | None = None
+    snap_key: Any = None
+    snap_avg: list[int] = field(default_factory=list)
+    snap_copy: list[int] = field(default_factory=list)
+
+
 class _Skipped(Exception):  # noqa: N818 (control flow, not an error)
     """Internal: ``nonfinite="skip"`` abandons this apply before anything changed."""
 
@@ -364,7 +386,7 @@ class ExponentialMovingAverage:
         self._copies: dict[str, tuple[Any, Backend]] = {}
         self._stored: list[tuple[Any, Any, Backend]] | None = None
         self._module_ref: Callable[[], Any] | None = None
-        self._module_cache: tuple[Any, ...] | None = None
+        self._module_cache: _ModuleCache | None = None
         self._module_names: set[str] | None = None
 
     # -- TF's read-only attributes -------------------------------------------------------
@@ -493,6 +515,15 @@ class ExponentialMovingAverage:
             if hit is not None:
                 self._update(hit[0], var_list, hit[0].backends, True, group=hit[0])
                 return
+        cached = self._module_cache
+        if cached is not None and cached.snapshot is not None and id(var_list) == cached.module:
+            # the same model, its tensors and their roles unchanged (the backend's cheap
+            # snapshot says so): no walk by name
+            key, tensors = cached.snapshot(var_list)
+            if key == cached.snap_key:
+                avg = [tensors[i] for i in cached.snap_avg]
+                self._apply_cached(cached, avg, [tensors[i] for i in cached.snap_copy])
+                return
         module = self._module_entries(var_list)
         if module is not None:
             self._apply_module(var_list, module)
@@ -590,15 +621,10 @@ class ExponentialMovingAverage:
             tuple([kind for _, _, kind in entries]),
         )
         cached = self._module_cache
-        if cached is not None and cached[0] == fingerprint:
+        if cached is not None and cached.fingerprint == fingerprint:
             # indices, not tensors: the cache must not keep a deleted model's tensors alive
-            _, avg_idx, group, copy_idx, copy_names, copy_backends = cached
-            copies = [entries[i][1] for i in copy_idx]
-            self._check_copies(copy_names, copies, copy_backends)
-            if group is not None:
-                avg = [entries[i][1] for i in avg_idx]
-                self._update(group.names, avg, group.backends, False, group=group)
-            self._commit_copies(copy_names, copies, copy_backends)
+            avg = [entries[i][1] for i in cached.avg_idx]
+            self._apply_cached(cached, avg, [entries[i][1] for i in cached.copy_idx])
             return
         avg_names, avg, copy_names, copies = self._module_roles(entries)
         self._check_module(module, set(avg_names) | set(copy_names))
@@ -620,7 +646,8 @@ class ExponentialMovingAverage:
         self._module_names = set(avg_names) | set(copy_names)
         if group is not None or not avg:
             position = {id(x): i for i, (_, x, kind) in enumerate(entries) if kind != "tied"}
-            self._module_cache = (
+            cache = _ModuleCache(
+                id(module),
                 fingerprint,
                 [position[id(x)] for x in avg],
                 group,
@@ -628,6 +655,24 @@ class ExponentialMovingAverage:
                 copy_names,
                 copy_backends,
             )
+            snapshot = getattr(_plugins.get_registry().container_backend(module), "snapshot", None)
+            if snapshot is not None:
+                cache.snapshot = snapshot
+                cache.snap_key, tensors = snapshot(module)
+                at: dict[int, int] = {}
+                for i, t in enumerate(tensors):
+                    at.setdefault(id(t), i)
+                cache.snap_avg = [at[id(x)] for x in avg]
+                cache.snap_copy = [at[id(x)] for x in copies]
+            self._module_cache = cache
+
+    def _apply_cached(self, cached: _ModuleCache, avg: list[Any], copies: list[Any]) -> None:
+        """The training loop's step on a known model: update its group, refresh its copies."""
+        self._check_copies(cached.copy_names, copies, cached.copy_backends)
+        group = cached.group
+        if group is not None:
+            self._update(group.names, avg, group.backends, False, group=group)
+        self._commit_copies(cached.copy_names, copies, cached.copy_backends)
 
     def _check_module(self, module: Any, names: set[str]) -> None:
         """One EMA tracks one model, whose parameters and buffers must not change."""

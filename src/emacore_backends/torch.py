@@ -633,6 +633,23 @@ class TorchBackend(ArrayAPIBackend):
         with torch.no_grad():
             dst.copy_(src)
 
+    def snapshot(self, obj: Any) -> tuple[Any, list[Any]]:
+        """A cheap key of a module's tensors and what decides their roles, and the tensors.
+
+        Equal keys mean `named_leaves` would give the same tensors with the same kinds: the
+        same modules, the same tensor objects in each (ids), the same ``requires_grad`` and
+        persistent buffers. Costs a walk over modules, not a Python step per tensor name.
+        """
+        tensors: list[Any] = []
+        shape: list[tuple[int, int, int]] = []
+        for m in obj.modules():
+            ps, bs = m._parameters, m._buffers
+            tensors.extend(ps.values())
+            tensors.extend(bs.values())
+            shape.append((len(ps), len(bs), len(m._non_persistent_buffers_set)))
+        grads = [t.requires_grad for t in tensors if t is not None]
+        return (tuple(map(id, tensors)), tuple(shape), tuple(grads)), tensors
+
     def named_leaves(self, obj: Any) -> list[tuple[str, Any, str]] | None:
         """Parameters and buffers of an ``nn.Module`` by qualified name, in module order."""
         if not isinstance(obj, torch.nn.Module):

@@ -547,3 +547,19 @@ def test_side_stream_on_cuda_gives_the_numbers_of_the_plain_update() -> None:
     with side.swapped(model):
         for name, p in model.state_dict().items():
             torch.testing.assert_close(p, plain.average(model)[name], rtol=0, atol=0)
+
+
+def test_the_cached_module_path_sees_a_replaced_parameter() -> None:
+    """After a step or two the model is recognised from a cheap snapshot; a parameter
+    replaced by another tensor of the same shape must still be the one averaged."""
+    model = nn.Linear(3, 2)
+    start = model.weight.detach().clone()
+    ema = emacore.EMA(0.5)
+    ema.apply(model)
+    ema.apply(model)  # cached from here on
+    model.weight = nn.Parameter(start + 4.0)
+    ema.apply(model)
+    torch.testing.assert_close(ema.average(model)["weight"], start + 2.0)
+    model.bias.requires_grad_(False)  # its role changes to "frozen": copied from now on
+    ema.apply(model)
+    assert "bias" in ema.state_dict()["leaves"]  # averaged once, averaged for good
