@@ -178,6 +178,8 @@ class _ModuleCache:
     snap_key: Any = None
     snap_avg: list[int] = field(default_factory=list)
     snap_copy: list[int] = field(default_factory=list)
+    snap_watch: list[int] = field(default_factory=list)  # tensors whose role could change
+    snap_grads: list[bool] = field(default_factory=list)  # their requires_grad then
 
 
 class _Skipped(Exception):  # noqa: N818 (control flow, not an error)
@@ -520,7 +522,10 @@ class ExponentialMovingAverage:
             # the same model, its tensors and their roles unchanged (the backend's cheap
             # snapshot says so): no walk by name
             key, tensors = cached.snapshot(var_list)
-            if key == cached.snap_key:
+            if (
+                key == cached.snap_key
+                and [tensors[i].requires_grad for i in cached.snap_watch] == cached.snap_grads
+            ):
                 avg = [tensors[i] for i in cached.snap_avg]
                 self._apply_cached(cached, avg, [tensors[i] for i in cached.snap_copy])
                 return
@@ -664,6 +669,15 @@ class ExponentialMovingAverage:
                     at.setdefault(id(t), i)
                 cache.snap_avg = [at[id(x)] for x in avg]
                 cache.snap_copy = [at[id(x)] for x in copies]
+                # a tensor that is not averaged may change role when its requires_grad
+                # does (a frozen parameter made trainable); an averaged one stays averaged
+                averaged = set(cache.snap_avg)
+                cache.snap_watch = [
+                    i
+                    for i, t in enumerate(tensors)
+                    if i not in averaged and t is not None and hasattr(t, "requires_grad")
+                ]
+                cache.snap_grads = [tensors[i].requires_grad for i in cache.snap_watch]
             self._module_cache = cache
 
     def _apply_cached(self, cached: _ModuleCache, avg: list[Any], copies: list[Any]) -> None:

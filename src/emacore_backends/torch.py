@@ -634,11 +634,12 @@ class TorchBackend(ArrayAPIBackend):
             dst.copy_(src)
 
     def snapshot(self, obj: Any) -> tuple[Any, list[Any]]:
-        """A cheap key of a module's tensors and what decides their roles, and the tensors.
+        """A cheap key of a module's tensors, and the tensors (in `named_leaves`' walk).
 
-        Equal keys mean `named_leaves` would give the same tensors with the same kinds: the
-        same modules, the same tensor objects in each (ids), the same ``requires_grad`` and
-        persistent buffers. Costs a walk over modules, not a Python step per tensor name.
+        Equal keys mean the same modules holding the same tensor objects (ids) and the same
+        persistent buffers: `named_leaves` would list the same tensors under the same names.
+        Their ``requires_grad`` (what makes a parameter "frozen") is the caller's to check.
+        Costs a walk over modules, not a Python step per tensor.
         """
         tensors: list[Any] = []
         shape: list[tuple[int, int, int]] = []
@@ -647,8 +648,7 @@ class TorchBackend(ArrayAPIBackend):
             tensors.extend(ps.values())
             tensors.extend(bs.values())
             shape.append((len(ps), len(bs), len(m._non_persistent_buffers_set)))
-        grads = [t.requires_grad for t in tensors if t is not None]
-        return (tuple(map(id, tensors)), tuple(shape), tuple(grads)), tensors
+        return (tuple(map(id, tensors)), tuple(shape)), tensors
 
     def named_leaves(self, obj: Any) -> list[tuple[str, Any, str]] | None:
         """Parameters and buffers of an ``nn.Module`` by qualified name, in module order."""
