@@ -150,11 +150,14 @@ class ArrayAPIBackend:
         """Return ``x`` copied to the host as a buffer numpy can read."""
         import array_api_compat
 
-        host = getattr(x, "to_device", None)
-        if host is not None and not array_api_compat.is_numpy_array(x):
-            # a library without a "cpu" device string keeps its array
-            with contextlib.suppress(Exception):
-                x = x.to_device("cpu")
+        if getattr(x, "to_device", None) is None or array_api_compat.is_numpy_array(x):
+            return x
+        try:
+            return x.to_device("cpu")
+        except Exception:  # a library without a "cpu" device string (array-api-strict)
+            pass
+        with contextlib.suppress(Exception):  # its default device, where the host is
+            return x.to_device(self.namespace(x).__array_namespace_info__().default_device())
         return x
 
 

@@ -286,7 +286,7 @@ def _scalar(x: Any) -> Any:
     backend = _plugins.resolve(x)
     if backend.is_traced(x):
         raise CheckpointError("cannot save a traced state (inside jit): save outside of it")
-    value = _to_numpy(backend.to_host(x), backend).item()
+    value = _to_numpy(backend.to_host(x)).item()
     return value
 
 
@@ -349,16 +349,8 @@ def _dtype_name(dtype: Any) -> str:
     return str(dtype).rsplit(".", 1)[-1]
 
 
-def _to_numpy(host: Any, backend: Any) -> Any:
-    np = _numpy()
-    try:
-        return np.asarray(host)
-    except (RuntimeError, TypeError, ValueError):
-        # an array-API array on a non-default device that `to_host` could not move: ask the
-        # namespace for its default (host) device
-        ns = backend.namespace(host)
-        cpu = ns.__array_namespace_info__().default_device()
-        return np.asarray(host.to_device(cpu))
+def _to_numpy(host: Any) -> Any:
+    return _numpy().asarray(host)  # `Backend.to_host` brought it to the host
 
 
 def _host_array(x: Any, name: str) -> tuple[Any, str]:
@@ -377,7 +369,7 @@ def _host_array(x: Any, name: str) -> tuple[Any, str]:
             f"{name!r} has dtype {x.dtype}, which a checkpoint cannot store (it stores "
             f"{', '.join(_DTYPES)})"
         )
-    host = _to_numpy(backend.to_host(x), backend)
+    host = _to_numpy(backend.to_host(x))
     if not host.flags.c_contiguous:  # (np.ascontiguousarray would make a 0-d array 1-d)
         host = host.copy(order="C")
     if host.dtype.byteorder == ">":
