@@ -69,8 +69,10 @@ import platform
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "peers"))  # the shared timm loader
+import timm_model_ema
 
 GENERATED_BY = "tests/parity/generate_schedule_fixtures.py"
 DRIVEN = 60  # updates driven through the peer's own update path
@@ -134,24 +136,6 @@ def _hex(values: list[float]) -> list[str]:
     return [float(v).hex() for v in values]
 
 
-def _timm_model_ema() -> ModuleType:
-    """timm's ``timm/utils/model_ema.py`` (by its path where ``import timm`` fails)."""
-    try:
-        return importlib.import_module("timm.utils.model_ema")
-    except ImportError:
-        pass
-    spec = importlib.util.find_spec("timm")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError("timm is not installed (nox -s schedule_fixtures installs it)")
-    path = Path(next(iter(spec.submodule_search_locations)), "utils", "model_ema.py")
-    file_spec = importlib.util.spec_from_file_location("_schedule_fixture_timm_model_ema", path)
-    if file_spec is None or file_spec.loader is None:
-        raise ImportError(f"cannot load {path}")
-    module = importlib.util.module_from_spec(file_spec)
-    file_spec.loader.exec_module(module)
-    return module
-
-
 def _model(torch: Any) -> Any:
     torch.manual_seed(0)
     return torch.nn.Linear(2, 1)
@@ -202,7 +186,7 @@ def diffusers_cases(torch: Any) -> list[dict[str, Any]]:
 
 
 def timm_cases(torch: Any) -> list[dict[str, Any]]:
-    model_ema_v3 = _timm_model_ema().ModelEmaV3
+    model_ema_v3 = timm_model_ema.load().ModelEmaV3
     cases = []
     for cid, options in TIMM:
         peer = model_ema_v3(_model(torch), **options)

@@ -17,6 +17,7 @@ Only runs with ``EMACORE_TEST_PEERS=1`` (``nox -s peers``).
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 
@@ -36,6 +37,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+sys.path.insert(0, str(Path(__file__).parent))  # --import-mode=importlib: the shared loader
+import timm_model_ema
+
 import emacore
 from emacore import importers
 from emacore.schedules import PowerWarmup, TFRamp
@@ -43,21 +47,6 @@ from emacore.schedules import PowerWarmup, TFRamp
 STEPS = 12  # with the peer
 MORE = 8  # after the migration, with both
 KERNEL_ULPS = 4  # as in test_peers.py: two roundings against lerp's one, shrinking by d a step
-
-
-def _timm_model_ema_v3() -> Any:
-    try:
-        return importlib.import_module("timm.utils.model_ema").ModelEmaV3
-    except ImportError:  # `import timm` needs torchvision; model_ema.py needs only torch
-        spec = importlib.util.find_spec("timm")
-        if spec is None or not spec.submodule_search_locations:
-            raise
-        path = Path(next(iter(spec.submodule_search_locations)), "utils", "model_ema.py")
-        file_spec = importlib.util.spec_from_file_location("_emacore_timm_model_ema", path)
-        assert file_spec is not None and file_spec.loader is not None
-        module = importlib.util.module_from_spec(file_spec)
-        file_spec.loader.exec_module(module)
-        return module.ModelEmaV3
 
 
 class _Run:
@@ -230,7 +219,7 @@ def test_timm_model_ema_v3(warmup: bool, tmp_path: Path) -> None:
         if warmup
         else {}
     )
-    peer = _timm_model_ema_v3()(run.model, decay=decay, **options)
+    peer = timm_model_ema.load().ModelEmaV3(run.model, decay=decay, **options)
     # what a migrating user writes: timm's settings as an emacore schedule
     schedule = (
         PowerWarmup(decay, min_decay=min_decay, inv_gamma=gamma, power=power) if warmup else decay

@@ -29,6 +29,7 @@ is an error, never a skip.
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 
@@ -39,16 +40,17 @@ if os.environ.get("EMACORE_TEST_PEERS") != "1":
         allow_module_level=True,
     )
 
-import functools
 import importlib
 import importlib.util
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).parent))  # --import-mode=importlib: the shared loader
+import timm_model_ema
 
 import emacore
 from emacore.schedules import Schedule, TFRamp
@@ -59,32 +61,9 @@ STEPS = 20
 # -- peers: imported where a test needs them, so a missing one fails that test ---------------
 
 
-@functools.cache
-def _timm_model_ema() -> ModuleType:
-    """timm's ``timm/utils/model_ema.py``, which needs nothing but torch.
-
-    ``import timm`` also imports torchvision, and PyPI's torchvision does not load beside this
-    machine's CPU torch; then the file is loaded by its path.
-    """
-    try:
-        return importlib.import_module("timm.utils.model_ema")
-    except ImportError:
-        pass
-    spec = importlib.util.find_spec("timm")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError("timm is not installed (nox -s peers installs it)")
-    path = Path(next(iter(spec.submodule_search_locations)), "utils", "model_ema.py")
-    file_spec = importlib.util.spec_from_file_location("_emacore_peer_timm_model_ema", path)
-    if file_spec is None or file_spec.loader is None:
-        raise ImportError(f"cannot load {path}")
-    module = importlib.util.module_from_spec(file_spec)
-    file_spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def model_ema_v3() -> Any:
-    return _timm_model_ema().ModelEmaV3
+    return timm_model_ema.load().ModelEmaV3
 
 
 @pytest.fixture(scope="module")
