@@ -9,6 +9,10 @@ Design invariants:
   while the parameters keep their storage) and updated with one ``lerp_``, so thousands of
   small tensors cost one kernel, not thousands. Large tensors get one fused
   ``torch._foreach_lerp_`` per group.
+* Parameters that are pieces of one storage (`flatten_parameters`, Megatron-style buffers,
+  FSDP1's ``use_orig_params``) get shadows laid out as they are, in one flat buffer: the update
+  is a single ``lerp_`` between the two buffers, at the memory-bandwidth floor, with nothing
+  gathered.
 * ``exact=True`` (``compat="tensorflow"`` or ``exact=True``) runs the reference kernel's three
   operations in its order instead of ``lerp``, so the numbers are numpy's and TF's bit for bit
   (with temporaries, as has a float32 shadow of a bfloat16 parameter).
@@ -35,23 +39,36 @@ __all__ = ["BACKEND", "TorchBackend"]
 # Tensors with fewer elements than this share their group's flat buffer.
 SMALL = 65_536
 LAYOUTS = ("auto", "flat", "separate")
+# Pieces of one storage are updated as one span when what lies between them is alignment
+# padding (at most this many bytes each) or, in all, at most 1/8 of the span. The shadows'
+# buffer mirrors the padding.
+PADDING = 256
 
 
 class _Group:
     """Shadows of one (device, dtype): a flat buffer for the small ones, the rest apart."""
 
     def __init__(
-        self, device: torch.device, dtype: torch.dtype, small: list[int], large: list[int]
+        self,
+        device: torch.device,
+        dtype: torch.dtype,
+        small: list[int],
+        large: list[int],
+        offsets: list[int] | None = None,
     ) -> None:
         self.device, self.dtype = device, dtype
         self.small, self.large = small, large
         self.members = small + large
         self.flat: torch.Tensor | None = None  # the small shadows, contiguous
         self.scratch: torch.Tensor | None = None  # gathered parameters, made on first use
-        self.views: list[torch.Tensor] | None = None  # 1-d views of the small parameters
+        # 1-d views of the small parameters; for a tiled group, the one span they tile
+        self.views: list[torch.Tensor] | None = None
         self.param_ids: list[int] = []
         self.param_ptrs: list[int] = []
         self.small_is_all = small == list(range(len(small)))
+        # a tiled group: where each small parameter starts in the span of storage they share
+        # (their shadows sit at the same places in `flat`)
+        self.offsets = offsets
 
     def small_params(self, params: Sequence[Any]) -> Sequence[Any]:
         if self.small_is_all and len(params) == len(self.small):
@@ -74,18 +91,50 @@ class _Group:
             return self.views
         return None
 
-    def gather_views(self, shadows: Sequence[Any], params: Sequence[Any]) -> list[torch.Tensor]:
-        """Check the small parameters and return (and cache) their 1-d views."""
+    def gather_views(
+        self, shadows: Sequence[Any], params: Sequence[Any]
+    ) -> list[torch.Tensor] | None:
+        """Check the small parameters and return (and cache) their 1-d views.
+
+        A tiled group returns the span its parameters tile, or None when they no longer tile
+        it as its shadows do (then they are updated one by one).
+        """
         small = self.small_params(params)
         for i, p in zip(self.small, small):
             _check_pair(i, shadows[i], p, self)
-        views = [p.detach().reshape(-1) for p in small]
-        # a non-contiguous parameter gives a copy, not a view: gather it afresh every step
-        cacheable = all(v.data_ptr() == p.data_ptr() for v, p in zip(views, small))
+        if self.offsets is not None:
+            assert self.flat is not None
+            span = _span(small, self.offsets, self.flat.numel())
+            views = None if span is None else [span]
+            cacheable = span is not None
+        else:
+            views = [p.detach().reshape(-1) for p in small]
+            # a non-contiguous parameter gives a copy, not a view: gather it afresh every step
+            cacheable = all(v.data_ptr() == p.data_ptr() for v, p in zip(views, small))
         self.views = views if cacheable else None
         self.param_ids = list(map(id, small))
         self.param_ptrs = list(map(torch.Tensor.data_ptr, small))
         return views
+
+    def source(self, views: list[torch.Tensor]) -> torch.Tensor:
+        """The small parameters as one flat tensor: the span they tile, or gathered."""
+        if self.offsets is not None:
+            return views[0]
+        assert self.flat is not None
+        if self.scratch is None:
+            self.scratch = torch.empty_like(self.flat)
+        return torch.cat(views, out=self.scratch)
+
+    def update_flat(self, source: torch.Tensor, c: Any, exact: bool) -> None:
+        """Move the flat buffer of shadows toward ``source`` (which may be the scratch)."""
+        assert self.flat is not None
+        if not exact:
+            self.flat.lerp_(source, c)
+            return
+        if self.scratch is None:
+            self.scratch = torch.empty_like(self.flat)
+        torch.sub(self.flat, source, out=self.scratch)
+        self.flat.sub_(self.scratch.mul_(c))
 
 
 class _Layout:
@@ -192,6 +241,62 @@ def _widens(param: torch.dtype, shadow: torch.dtype) -> bool:
     return bool(p.bits <= s.bits and p.eps >= s.eps and p.max <= s.max)
 
 
+def _tilings(
+    params: Sequence[Any], idx: list[int]
+) -> tuple[list[tuple[list[int], list[int], int]], list[int]]:
+    """Split ``idx`` into sets of tensors that tile one storage, and the rest.
+
+    Each set comes with where its tensors start in the span of storage they cover, and the
+    span's length: two or more contiguous, non-overlapping pieces of one storage, with
+    alignment padding between them (`PADDING`) or covering 7/8 of the span.
+    """
+    by_storage: dict[int, list[int]] = {}
+    rest: list[int] = []
+    for i in idx:
+        p = params[i]
+        if p.layout == torch.strided and p.numel() and p.is_contiguous():
+            by_storage.setdefault(p.untyped_storage().data_ptr(), []).append(i)
+        else:
+            rest.append(i)
+    tiles = []
+    for members in by_storage.values():
+        starts = [params[i].storage_offset() for i in members]
+        order = sorted(range(len(members)), key=starts.__getitem__)
+        end, fits, padded = starts[order[0]], len(members) > 1, True
+        pad = PADDING // params[members[0]].element_size()
+        for k in order:
+            fits = fits and starts[k] >= end
+            padded = padded and starts[k] - end <= pad
+            end = starts[k] + params[members[k]].numel()
+        base = starts[order[0]]
+        used = sum(params[i].numel() for i in members)
+        if fits and (padded or 8 * used >= 7 * (end - base)):
+            tiles.append((members, [st - base for st in starts], end - base))
+        else:
+            rest.extend(members)
+    return tiles, sorted(rest)
+
+
+def _span(params: Sequence[Any], offsets: list[int], size: int) -> torch.Tensor | None:
+    """The 1-d span of storage ``params`` tile at ``offsets``, or None if they do not."""
+    first = params[0]
+    if first.layout != torch.strided:
+        return None
+    storage = first.untyped_storage().data_ptr()
+    base = first.storage_offset() - offsets[0]
+    for p, offset in zip(params, offsets):
+        if (
+            p.layout != torch.strided
+            or not p.is_contiguous()
+            or p.storage_offset() - base != offset
+            or p.untyped_storage().data_ptr() != storage
+        ):
+            return None
+    if base < 0 or (base + size) * first.element_size() > first.untyped_storage().nbytes():
+        return None
+    return torch.as_strided(first.detach(), (size,), (1,), base)
+
+
 class TorchBackend(ArrayAPIBackend):
     """Backend for ``torch.Tensor`` (and ``nn.Parameter``) on any device.
 
@@ -240,6 +345,10 @@ class TorchBackend(ArrayAPIBackend):
             raise ValueError(f"torch backend: layout must be one of {LAYOUTS}, got {layout!r}")
         if params and _is_dtensor(params[0]):
             return self._create_distributed(params, zeros, layout)
+        return self._create(params, zeros, layout, tile=layout != "separate")
+
+    def _create(self, params: Sequence[Any], zeros: bool, layout: str, *, tile: bool) -> ShadowList:
+        """`create_shadows`; ``tile``: lay out parameters that tile a storage as they are."""
         limit = {"auto": SMALL, "flat": float("inf"), "separate": 0}[layout]
         out = ShadowList([None] * len(params))
         keys: dict[tuple[torch.device, torch.dtype], list[int]] = {}
@@ -248,6 +357,19 @@ class TorchBackend(ArrayAPIBackend):
         groups = []
         with torch.no_grad():
             for (device, dtype), idx in keys.items():
+                tiles, idx = _tilings(params, idx) if tile else ([], idx)
+                for members, offsets, size in tiles:
+                    tiled = _Group(device, dtype, members, [], offsets)
+                    # zeros where the parameters leave padding: never read, but defined
+                    tiled.flat = torch.zeros(size, device=device, dtype=dtype)
+                    for i, offset in zip(members, offsets):
+                        view = tiled.flat[offset : offset + params[i].numel()]
+                        out[i] = view.view(params[i].shape)
+                        if not zeros:
+                            out[i].copy_(params[i])
+                    groups.append(tiled)
+                if not idx:
+                    continue
                 small = [i for i in idx if params[i].numel() < limit]
                 large = [i for i in idx if params[i].numel() >= limit]
                 group = _Group(device, dtype, small, large)
@@ -431,19 +553,11 @@ class TorchBackend(ArrayAPIBackend):
                 views, members, _, p_list, mixed = plan
                 lanes = [lay.groups[gi] for lay in layouts]  # type: ignore[union-attr]
                 if views is not None:
-                    if group.scratch is None:
-                        group.scratch = torch.empty_like(group.flat)
-                    gathered = torch.cat(views, out=group.scratch)
-                    # the first profile last: in exact mode its scratch is its temporary
+                    gathered = group.source(views)
+                    # the first profile last: in exact mode its scratch (the gathered
+                    # parameters, unless tiled) is its temporary
                     for lane, c in list(zip(lanes, cs))[::-1]:
-                        assert lane.flat is not None
-                        if exact:
-                            if lane.scratch is None:
-                                lane.scratch = torch.empty_like(lane.flat)
-                            torch.sub(lane.flat, gathered, out=lane.scratch)
-                            lane.flat.sub_(lane.scratch.mul_(c))
-                        else:
-                            lane.flat.lerp_(gathered, c)
+                        lane.update_flat(gathered, c, exact)
                 for sl, c in zip(shadow_lists, cs):
                     _foreach_update([sl[i] for i in members], p_list, c, exact, mixed)
         return [sl if isinstance(sl, list) else list(sl) for sl in shadow_lists]
@@ -452,9 +566,8 @@ class TorchBackend(ArrayAPIBackend):
         """New shadows with the same values and layout (for a functional update)."""
         layout = getattr(shadows, "backend_data", None)
         packed = isinstance(layout, _Layout) and any(g.flat is not None for g in layout.groups)
-        return self.create_shadows(
-            list(shadows), zeros=False, layout="auto" if packed else "separate"
-        )
+        # not tiled after the shadows, which tile their own buffer
+        return self._create(list(shadows), False, "auto" if packed else "separate", tile=False)
 
     def _prepare(
         self, group: _Group, shadows: Sequence[Any], params: Sequence[Any]
@@ -470,7 +583,7 @@ class TorchBackend(ArrayAPIBackend):
         if group.small and views is None:
             if {params[i].dtype for i in group.small} == {group.dtype}:
                 views = group.gather_views(shadows, params)
-            else:  # bf16 parameters into float32 shadows: no packed gather
+            if views is None:  # bf16 parameters into float32 shadows, or no longer tiled
                 members = group.large + group.small
         s_list = [shadows[i] for i in members]
         p_list = [params[i] for i in members]
@@ -487,16 +600,7 @@ class TorchBackend(ArrayAPIBackend):
     ) -> None:
         views, _, s_list, p_list, mixed = plan
         if views is not None:
-            assert group.flat is not None
-            if group.scratch is None:
-                group.scratch = torch.empty_like(group.flat)
-            torch.cat(views, out=group.scratch)
-            if exact:
-                torch.sub(group.flat, group.scratch, out=group.scratch)
-                group.scratch.mul_(c)
-                group.flat.sub_(group.scratch)
-            else:
-                group.flat.lerp_(group.scratch, c)
+            group.update_flat(group.source(views), c, exact)
         _foreach_update(s_list, p_list, c, exact, mixed)
 
     def _run_on_side_stream(
@@ -516,25 +620,25 @@ class TorchBackend(ArrayAPIBackend):
         # (an optimizer step has usually waited for it already: then this is free)
         layout.wait()
         current = STREAMS.current(device)
-        for group, (views, *_) in zip(layout.groups, plans):
-            if views is not None:
-                assert group.flat is not None
-                if group.scratch is None:
+        # gathers here; a tiled group's span is read on the side stream, as large tensors are
+        sources = [
+            None if views is None else group.source(views)
+            for group, (views, *_) in zip(layout.groups, plans)
+        ]
+        if exact:  # the temporaries, before the side stream runs
+            for group, source in zip(layout.groups, sources):
+                if source is not None and group.scratch is None:
+                    assert group.flat is not None
                     group.scratch = torch.empty_like(group.flat)
-                torch.cat(views, out=group.scratch)
         layout.side.wait_stream(current)
         with STREAMS.using(layout.side):
-            for group, (views, _, s_list, p_list, mixed) in zip(layout.groups, plans):
-                if views is not None:
-                    assert group.flat is not None
-                    assert group.scratch is not None
-                    if exact:
-                        torch.sub(group.flat, group.scratch, out=group.scratch)
-                        group.flat.sub_(group.scratch.mul_(c))
-                    else:
-                        group.flat.lerp_(group.scratch, c)
+            for group, source, (_, _, s_list, p_list, mixed) in zip(layout.groups, sources, plans):
+                if source is not None:
+                    group.update_flat(source, c, exact)
                 _foreach_update(s_list, p_list, c, exact, mixed)
-        for _, _, _, p_list, _ in plans:
+        for group, source, (_, _, _, p_list, _) in zip(layout.groups, sources, plans):
+            if source is not None and group.offsets is not None:
+                STREAMS.keep(source, layout.side)
             for p in p_list:
                 STREAMS.keep(p, layout.side)
         layout.event = layout.side.record_event()

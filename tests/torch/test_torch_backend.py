@@ -7,8 +7,9 @@ an import failure is an error, not a skip.
 
 from __future__ import annotations
 
-import contextlib
 import os
+import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,6 +26,9 @@ from torch import nn
 
 import emacore
 from emacore_backends import torch as torch_backend
+
+sys.path.insert(0, str(Path(__file__).parent))  # --import-mode=importlib: the shared helper
+import recorded_streams
 
 
 def _model() -> nn.Module:
@@ -434,56 +438,11 @@ def test_cuda_parameters_offloaded_to_pinned_host_memory() -> None:
         torch.testing.assert_close(model[0].weight.cpu(), avg["0.weight"])
 
 
-class _Recorder:
-    """Stands in for CUDA streams on CPU: records every stream operation, in order."""
-
-    class Stream:
-        def __init__(self, log: list[tuple[str, ...]], name: str) -> None:
-            self.log, self.name, self.events = log, name, 0
-
-        def wait_stream(self, other: Any) -> None:
-            self.log.append(("wait_stream", self.name, other.name))
-
-        def wait_event(self, event: str) -> None:
-            self.log.append(("wait_event", self.name, event))
-
-        def record_event(self) -> str:
-            self.events += 1
-            event = f"{self.name}#{self.events}"
-            self.log.append(("record_event", event))
-            return event
-
-    def __init__(self) -> None:
-        self.log: list[tuple[str, ...]] = []
-        self.main = self.Stream(self.log, "main")
-        self.side = self.Stream(self.log, "side")
-        self.inside = False
-
-    def current(self, device: Any) -> Any:
-        return self.side if self.inside else self.main
-
-    def new(self, device: Any) -> Any:
-        return self.side
-
-    @contextlib.contextmanager
-    def using(self, stream: Any) -> Any:
-        self.log.append(("enter", stream.name))
-        self.inside = True
-        try:
-            yield
-        finally:
-            self.inside = False
-            self.log.append(("exit", stream.name))
-
-    def keep(self, tensor: Any, stream: Any) -> None:
-        self.log.append(("keep", tuple(tensor.shape), stream.name))
-
-
 def test_side_stream_orders_updates_reads_and_optimizer_steps(monkeypatch: Any) -> None:
     """The synchronisation protocol, on CPU with recorded streams (the CUDA test below runs
     it for real): an update waits for the work queued before it, reads and optimizer steps
     wait for the update, and the numbers are those of an update without a stream."""
-    recorder = _Recorder()
+    recorder = recorded_streams.Recorder()
     monkeypatch.setattr(torch_backend, "STREAMS", recorder)
     monkeypatch.setattr(torch_backend.TorchBackend, "check_side_stream", lambda self, p: None)
     model = nn.Linear(300, 300)  # a large weight (90,000 elements) and a small bias
