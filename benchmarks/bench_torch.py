@@ -10,6 +10,8 @@ update step of:
 1. emacore, module path: ``ExponentialMovingAverage(0.999).apply(model)``;
 2. emacore, list path: ``ExponentialMovingAverage(0.999).apply(params)`` on a plain list of the
    parameters (tracked by identity; the cached fast path);
+   and the module path on a copy of the model whose parameters were first put in one buffer
+   by ``emacore.integrations.flatten.flatten_parameters`` (the update is then one ``lerp_``);
 3. by hand: ``torch._foreach_lerp_(shadows, params, 1 - d)`` under ``torch.no_grad()`` over
    lists built once (what the fused libraries run, without their bookkeeping);
 4. the peers, each through its documented per-step call with a constant decay:
@@ -41,7 +43,8 @@ objects (lists, tuples) are not torch allocations and are not counted.
 Targets (from the issue): on the two large sets, emacore at most 0.95x the time of the fastest
 peer (the libraries of item 4; "by hand" is reported but is not a peer); on the many-small set
 at least 3x faster than the fastest peer; no torch memory allocated per step after the first.
-Both emacore rows must meet them.
+They are judged twice: for the two emacore rows on the parameters as allocated (both must meet
+them), and for the row on flattened parameters.
 
 Memory: the GPT-2-small set has 124M parameters, 500 MB per float32 copy. Each method keeps its
 own shadows, so that set needs about 6.5 GB (parameters, ten shadow copies, two floor buffers,
@@ -52,6 +55,7 @@ not installed is skipped, and the report says so.
 from __future__ import annotations
 
 import contextlib
+import copy
 import gc
 import importlib.util
 import os
@@ -81,6 +85,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 import emacore
+from emacore.integrations.flatten import flatten_parameters
 
 DECAY = 0.999
 WEIGHT = 1.0 - DECAY
@@ -93,6 +98,7 @@ BYTES_PER_PARAM = 12  # read p, read s, write s (float32)
 
 EMACORE_MODULE = "emacore `apply(model)`"
 EMACORE_LIST = "emacore `apply(list_of_params)`"
+EMACORE_FLAT = "emacore `apply(model)`, parameters flattened"
 HAND = "by hand `torch._foreach_lerp_`"
 FLOOR = "floor: one flat `a.lerp_(b, w)`"
 
@@ -239,6 +245,18 @@ def emacore_list(model: nn.Module, params: list[nn.Parameter]) -> Callable[[], A
     return lambda: ema.apply(params)
 
 
+def emacore_flattened(model: nn.Module, params: list[nn.Parameter]) -> Callable[[], Any]:
+    """The module path on a copy of the model whose parameters share one buffer."""
+    twin = copy.deepcopy(model)
+    flatten_parameters(twin)
+    ema = emacore.ExponentialMovingAverage(DECAY)
+    ema.apply(twin)  # creates the shadows
+    with torch.no_grad():  # as run_set does to the others' parameters
+        for p in twin.parameters():
+            p.add_(1.0)
+    return lambda: ema.apply(twin)
+
+
 def by_hand(model: nn.Module, params: list[nn.Parameter]) -> Callable[[], Any]:
     with torch.no_grad():
         shadows = [p.detach().clone() for p in params]
@@ -319,6 +337,7 @@ def run_set(
     factories: list[tuple[str, str, PeerFactory]] = [
         (EMACORE_MODULE, EMACORE, emacore_module),
         (EMACORE_LIST, EMACORE, emacore_list),
+        (EMACORE_FLAT, EMACORE, emacore_flattened),
         (HAND, BASELINE, by_hand),
         *((label, PEER, factory) for label, factory in PEERS.items()),
     ]
@@ -414,25 +433,31 @@ def targets_table(results: list[SetResult]) -> list[str]:
         "",
         f"Targets: emacore <= {LARGE_TARGET:g}x the fastest peer's time on the large sets, "
         f">= {SMALL_TARGET:g}x faster than it on many small tensors, and no torch allocation "
-        "per step after the first:",
+        "per step after the first. Parameters as the model allocated them (one by one), and "
+        "flattened into one buffer first (`emacore.integrations.flatten.flatten_parameters`):",
         "",
-        "| set | fastest peer | target | `apply(model)` | `apply(list)` | speed met | "
-        "no alloc met |",
-        "|---|---|---|---:|---:|---|---|",
+        "| set | fastest peer | target | `apply(model)` | `apply(list)` | met | "
+        "`apply(model)`, flattened | met flattened | no alloc met |",
+        "|---|---|---|---:|---:|---|---:|---|---|",
     ]
     for r in results:
         fastest = r.fastest_peer()
         by_label = r.by_label()
-        ours = [by_label[k] for k in (EMACORE_MODULE, EMACORE_LIST) if k in by_label]
-        no_alloc = all(m.alloc_count == 0 for m in ours)
+        labels = (EMACORE_MODULE, EMACORE_LIST, EMACORE_FLAT)
+        no_alloc = all(by_label[k].alloc_count == 0 for k in labels if k in by_label)
         if fastest is None:
-            lines.append(f"| {r.name} | (no peer ran) | - | - | - | - | {no_alloc} |")
+            lines.append(f"| {r.name} | (no peer ran) | - | - | - | - | - | - | {no_alloc} |")
             continue
-        ratios = [m.median / fastest.median for m in ours]
-        target, cells, met = speed_target(ratios, r.small, LARGE_TARGET, SMALL_TARGET)
+        cells: list[str] = []
+        for group in ((EMACORE_MODULE, EMACORE_LIST), (EMACORE_FLAT,)):
+            ratios = [by_label[k].median / fastest.median for k in group if k in by_label]
+            target, group_cells, group_met = speed_target(
+                ratios, r.small, LARGE_TARGET, SMALL_TARGET
+            )
+            cells += [*group_cells, "yes" if group_met and ratios else "NO"]
         lines.append(
             f"| {r.name} | {fastest.label} ({fmt_ms(fastest.median)} ms) | {target} | "
-            f"{' | '.join(cells)} | {'yes' if met else 'NO'} | {'yes' if no_alloc else 'NO'} |"
+            f"{' | '.join(cells)} | {'yes' if no_alloc else 'NO'} |"
         )
     return lines
 
