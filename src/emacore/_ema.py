@@ -1571,9 +1571,10 @@ class ExponentialMovingAverage:
             counters += [(p["decay_product"], p["last_decay"]) for p in rec["profiles"]]
             parts.setdefault((rec["count"], tuple(counters)), []).append(i)
         for (count, counters), idx in parts.items():
+            whole = len(idx) == len(names)  # then the backend's lists, with their layout notes
             states = [
                 EMAState(
-                    [arrays[i] for i in idx],
+                    arrays if whole else [arrays[i] for i in idx],
                     count=count,
                     decay_product=product,
                     last_decay=last,

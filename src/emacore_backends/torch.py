@@ -22,6 +22,7 @@ Design invariants:
 
 from __future__ import annotations
 
+import itertools
 import math
 import weakref
 from collections.abc import Sequence
@@ -69,6 +70,10 @@ class _Group:
         # a tiled group: where each small parameter starts in the span of storage they share
         # (their shadows sit at the same places in `flat`)
         self.offsets = offsets
+        self.missed = False  # the last update found the parameters' storage changed
+
+    def signature(self) -> tuple[Any, ...]:
+        return (self.device, self.dtype, self.small, self.large, self.offsets)
 
     def small_params(self, params: Sequence[Any]) -> Sequence[Any]:
         if self.small_is_all and len(params) == len(self.small):
@@ -144,9 +149,15 @@ class _Layout:
     whoever reads the shadows, or writes the parameters, waits for it first (`wait`).
     """
 
-    def __init__(self, groups: list[_Group], size: int) -> None:
+    def __init__(
+        self, groups: list[_Group], size: int, limit: float = 0, tile: bool = False
+    ) -> None:
         self.groups = groups
         self.size = size
+        # how `create_shadows` laid them out (its ``layout``), to lay them out again
+        self.limit, self.tile = limit, tile
+        # the parameters (ids, storage) the arrangement was last checked against (`_settle`)
+        self.seen: tuple[tuple[int, ...], tuple[int, ...]] | None = None
         self.side: Any = None
         self.event: Any = None
         # for DTensor parameters: the shadows are DTensors over these local shards, which
@@ -166,7 +177,9 @@ class _Layout:
         for i, s in enumerate(shadows):
             keys.setdefault((s.device, s.dtype), []).append(i)
         groups = [_Group(dev, dt, [], idx) for (dev, dt), idx in keys.items()]
-        return _Layout(groups, len(shadows))
+        layout = _Layout(groups, len(shadows))
+        layout.seen = ((), ())  # not laid out by us: never laid out again
+        return layout
 
 
 _DTENSOR: Any = None  # torch.distributed.tensor.DTensor, once something could be one
@@ -297,6 +310,82 @@ def _span(params: Sequence[Any], offsets: list[int], size: int) -> torch.Tensor 
     return torch.as_strided(first.detach(), (size,), (1,), base)
 
 
+def _arrange(like: Sequence[Any], params: Sequence[Any], limit: float, tile: bool) -> list[_Group]:
+    """Groups for shadows of the (device, dtype)s of ``like``, laid out for ``params``.
+
+    Per (device, dtype): the parameters that tile one storage (of that dtype and device)
+    form a group each; the rest share a flat buffer below ``limit`` elements.
+    """
+    keys: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, x in enumerate(like):
+        keys.setdefault((x.device, x.dtype), []).append(i)
+    groups = []
+    for (device, dtype), idx in keys.items():
+        tiles: list[tuple[list[int], list[int], int]] = []
+        if tile:
+            same = [i for i in idx if params[i].dtype == dtype and params[i].device == device]
+            tiles, _ = _tilings(params, same)
+            tiled = {i for members, _, _ in tiles for i in members}
+            idx = [i for i in idx if i not in tiled]
+        for members, offsets, size in tiles:
+            group = _Group(device, dtype, members, [], offsets)
+            group.flat = torch.empty(size, device=device, dtype=dtype)
+            groups.append(group)
+        if idx:
+            small = [i for i in idx if params[i].numel() < limit]
+            large = [i for i in idx if params[i].numel() >= limit]
+            group = _Group(device, dtype, small, large)
+            if small:
+                total = sum(params[i].numel() for i in small)
+                group.flat = torch.empty(total, device=device, dtype=dtype)
+            groups.append(group)
+    return groups
+
+
+def _allocate(
+    groups: list[_Group], values: Sequence[Any], zeros: bool, keep: bool = False
+) -> list[Any]:
+    """The shadows of ``groups``: views of their flat buffers, or tensors of their own.
+
+    Filled with ``values`` (or zeros). ``keep``: a large one that already is a tensor of its
+    own (``values`` being the shadows) is returned as it is.
+    """
+    out: list[Any] = [None] * len(values)
+    with torch.no_grad():
+        for group in groups:
+            if group.flat is not None:
+                if group.offsets is not None:
+                    group.flat.zero_()  # padding between the pieces: never read, but defined
+                    offsets = group.offsets
+                else:
+                    offsets = list(
+                        itertools.accumulate((values[i].numel() for i in group.small), initial=0)
+                    )[:-1]
+                for i, offset in zip(group.small, offsets):
+                    v = values[i]
+                    view = group.flat[offset : offset + v.numel()].view(v.shape)
+                    view.zero_() if zeros else view.copy_(v)
+                    out[i] = view
+            for i in group.large:
+                v = values[i]
+                if keep and _owns_storage(v):
+                    out[i] = v
+                elif zeros:
+                    out[i] = torch.zeros_like(v, memory_format=torch.contiguous_format)
+                else:
+                    out[i] = v.detach().clone(memory_format=torch.contiguous_format)
+    return out
+
+
+def _owns_storage(x: torch.Tensor) -> bool:
+    """Whether ``x`` is a contiguous tensor alone in its storage (not a view into a buffer)."""
+    return bool(
+        x.is_contiguous()
+        and x.storage_offset() == 0
+        and x.untyped_storage().nbytes() == x.numel() * x.element_size()
+    )
+
+
 class TorchBackend(ArrayAPIBackend):
     """Backend for ``torch.Tensor`` (and ``nn.Parameter``) on any device.
 
@@ -350,49 +439,38 @@ class TorchBackend(ArrayAPIBackend):
     def _create(self, params: Sequence[Any], zeros: bool, layout: str, *, tile: bool) -> ShadowList:
         """`create_shadows`; ``tile``: lay out parameters that tile a storage as they are."""
         limit = {"auto": SMALL, "flat": float("inf"), "separate": 0}[layout]
-        out = ShadowList([None] * len(params))
-        keys: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-        for i, p in enumerate(params):
-            keys.setdefault((p.device, p.dtype), []).append(i)
-        groups = []
-        with torch.no_grad():
-            for (device, dtype), idx in keys.items():
-                tiles, idx = _tilings(params, idx) if tile else ([], idx)
-                for members, offsets, size in tiles:
-                    tiled = _Group(device, dtype, members, [], offsets)
-                    # zeros where the parameters leave padding: never read, but defined
-                    tiled.flat = torch.zeros(size, device=device, dtype=dtype)
-                    for i, offset in zip(members, offsets):
-                        view = tiled.flat[offset : offset + params[i].numel()]
-                        out[i] = view.view(params[i].shape)
-                        if not zeros:
-                            out[i].copy_(params[i])
-                    groups.append(tiled)
-                if not idx:
-                    continue
-                small = [i for i in idx if params[i].numel() < limit]
-                large = [i for i in idx if params[i].numel() >= limit]
-                group = _Group(device, dtype, small, large)
-                if small:
-                    total = sum(params[i].numel() for i in small)
-                    group.flat = torch.empty(total, device=device, dtype=dtype)
-                    offset = 0
-                    for i in small:
-                        n = params[i].numel()
-                        view = group.flat[offset : offset + n].view(params[i].shape)
-                        view.zero_() if zeros else view.copy_(params[i])
-                        out[i] = view
-                        offset += n
-                for i in large:
-                    p = params[i]
-                    out[i] = (
-                        torch.zeros_like(p, memory_format=torch.contiguous_format)
-                        if zeros
-                        else p.detach().clone(memory_format=torch.contiguous_format)
-                    )
-                groups.append(group)
-        out.backend_data = _Layout(groups, len(params))
+        groups = _arrange(params, params, limit, tile)
+        out = ShadowList(_allocate(groups, params, zeros))
+        out.backend_data = _Layout(groups, len(params), limit, tile)
         return out
+
+    def _settle(self, layout: _Layout, shadows: Sequence[Any], params: Sequence[Any]) -> bool:
+        """Lay the shadows out for these parameters, if they now call for another layout.
+
+        The shadows were laid out for the arrays they were made from, which need not be the
+        parameters (a loaded state dict) or may since have moved (``flatten_parameters``).
+        Checked at the first update and whenever a parameter's storage changed; the shadow
+        tensors stay the same objects (``set_``), so nothing that holds them sees a change
+        but speed. Returns whether the layout changed.
+        """
+        seen = (tuple(map(id, params)), tuple(p.data_ptr() for p in params))
+        if seen == layout.seen or layout.local is not None:
+            return False
+        layout.seen = seen
+        groups = _arrange(shadows, params, layout.limit, layout.tile)
+        if [g.signature() for g in groups] == [g.signature() for g in layout.groups]:
+            return False
+        layout.wait()  # an update still running on the side stream reads the old buffers
+        moved = _allocate(groups, shadows, zeros=False, keep=True)
+        for shadow, new in zip(shadows, moved):
+            if new is not shadow:
+                shadow.set_(new)
+        layout.groups = groups
+        if layout.side is not None:
+            for group in groups:
+                if group.flat is not None:
+                    STREAMS.keep(group.flat, layout.side)
+        return True
 
     def _create_distributed(self, params: Sequence[Any], zeros: bool, layout: str) -> ShadowList:
         """DTensor shadows with each parameter's mesh and placements.
@@ -507,6 +585,10 @@ class TorchBackend(ArrayAPIBackend):
                 self._traced(layout, shadows, params, c, exact)
                 return list(shadows)
             plans = [self._prepare(g, shadows, params) for g in layout.groups]
+            if (layout.seen is None or any(g.missed for g in layout.groups)) and self._settle(
+                layout, shadows, params
+            ):
+                plans = [self._prepare(g, shadows, params) for g in layout.groups]
             if layout.side is not None:
                 self._run_on_side_stream(layout, plans, c, exact)
                 return shadows if isinstance(shadows, list) else list(shadows)
@@ -538,6 +620,7 @@ class TorchBackend(ArrayAPIBackend):
             or not isinstance(first, _Layout)
             or not all(
                 isinstance(lay, _Layout)
+                and lay.seen is not None  # laid out for the parameters (`_settle`) already
                 and lay.size == len(sl) == first.size
                 and [g.members for g in lay.groups] == [g.members for g in first.groups]
                 for lay, sl in zip(layouts, shadow_lists)
@@ -549,6 +632,14 @@ class TorchBackend(ArrayAPIBackend):
             ]
         with torch.no_grad():
             plans = [self._prepare(g, shadow_lists[0], params) for g in first.groups]
+            if any(g.missed for g in first.groups) and any(
+                self._settle(lay, sl, params)  # type: ignore[arg-type]
+                for lay, sl in zip(layouts, shadow_lists)
+            ):  # checked; now laid out anew: once more, lane by lane
+                return [
+                    self.update(sl, params, c, inplace=inplace, exact=exact)
+                    for sl, c in zip(shadow_lists, cs)
+                ]
             for gi, (group, plan) in enumerate(zip(first.groups, plans)):
                 views, members, _, p_list, mixed = plan
                 lanes = [lay.groups[gi] for lay in layouts]  # type: ignore[union-attr]
@@ -580,6 +671,7 @@ class TorchBackend(ArrayAPIBackend):
         """
         members = group.large
         views = group.cached_views(params) if group.small else None
+        group.missed = bool(group.small) and views is None
         if group.small and views is None:
             if {params[i].dtype for i in group.small} == {group.dtype}:
                 views = group.gather_views(shadows, params)

@@ -364,3 +364,73 @@ def test_flattened_model_on_cuda(side_stream: bool) -> None:
     assert _groups(ema)[0].offsets is not None and _groups(plain)[0].offsets is None
     for got, want in zip(ema.average(list(model.parameters())), _reference(seen, 0.8)):
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+
+
+# -- shadows laid out for other arrays than the parameters ----------------------------------
+
+
+def _is_tiled(ema: emacore.EMA) -> list[bool]:
+    return [g.offsets is not None for g in _groups(ema)]
+
+
+def test_flattening_after_the_shadows_exist_lays_them_out_anew_in_place() -> None:
+    model = _model()
+    ema = emacore.EMA(0.5)
+    ema.apply(model)
+    params = list(model.parameters())
+    held = [ema.average(p) for p in params]  # the shadow tensors themselves (torch semantics)
+    expected = [h.double().clone() for h in held]
+    assert _is_tiled(ema) == [False]
+    flatten_parameters(model)
+    with torch.no_grad():
+        for p in params:
+            p.add_(2.0)
+    ema.apply(model)
+    assert _is_tiled(ema) == [True]
+    expected = [0.5 * e + 0.5 * p.detach().double() for e, p in zip(expected, params)]
+    for h, p, e in zip(held, params, expected):
+        assert ema.average(p) is h  # the same objects, now views of the tiled buffer
+        torch.testing.assert_close(h.double(), e, rtol=1e-6, atol=1e-7)
+    counts = _kernels(lambda: ema.apply(model))
+    assert counts.get("aten::cat", 0) == 0 and counts["aten::lerp_"] == 1
+
+
+def test_a_state_dict_of_a_flattened_model_loads_into_a_plain_one() -> None:
+    tiled, plain = _model(), _model()
+    flatten_parameters(tiled)
+    source = emacore.EMA(0.5)
+    _steps(tiled, source, steps=2)
+    target = emacore.EMA(0.5)
+    target.apply(plain)
+    target.load_state_dict(source.state_dict())  # views of one buffer, laid out for `tiled`
+    start = [s.double().clone() for s in source.average(list(tiled.parameters()))]
+    with torch.no_grad():
+        for p in plain.parameters():
+            p.fill_(1.0)
+    target.apply(plain)
+    assert _is_tiled(target) == [False]  # laid out for the parameters it updates
+    for got, s in zip(target.average(list(plain.parameters())), start):
+        torch.testing.assert_close(got.double(), 0.5 * s + 0.5, rtol=1e-6, atol=1e-7)
+    counts = _kernels(lambda: target.apply(plain))
+    assert counts.get("aten::_foreach_lerp_", 0) <= 1  # packed again, not tensor by tensor
+
+
+def test_a_portable_checkpoint_loads_into_a_flattened_model_and_tiles(tmp_path: Any) -> None:
+    from emacore import checkpoint
+
+    plain, tiled = _model(), _model()
+    source = emacore.EMA(0.5)
+    _steps(plain, source, steps=2)
+    checkpoint.save(source, tmp_path / "ema.safetensors")
+    flatten_parameters(tiled)
+    target = emacore.EMA(0.5)
+    target.apply(tiled)
+    checkpoint.load_into(target, tmp_path / "ema.safetensors")
+    start = [s.double().clone() for s in source.average(list(plain.parameters()))]
+    with torch.no_grad():
+        for p in tiled.parameters():
+            p.fill_(3.0)
+    target.apply(tiled)
+    assert _is_tiled(target) == [True]
+    for got, s in zip(target.average(list(tiled.parameters())), start):
+        torch.testing.assert_close(got.double(), 0.5 * s + 1.5, rtol=1e-6, atol=1e-7)

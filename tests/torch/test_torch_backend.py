@@ -522,3 +522,21 @@ def test_the_cached_module_path_sees_a_replaced_parameter() -> None:
     model.bias.requires_grad_(False)  # its role changes to "frozen": copied from now on
     ema.apply(model)
     assert "bias" in ema.state_dict()["leaves"]  # averaged once, averaged for good
+
+
+def test_a_loaded_state_dict_keeps_small_tensors_packed() -> None:
+    """Shadows made from a loaded state dict are laid out (packed) as any others."""
+    from torch.profiler import ProfilerActivity, profile
+
+    params = [nn.Parameter(torch.randn(16)) for _ in range(50)]
+    source = emacore.EMA(0.5)
+    source.apply(params)
+    target = emacore.EMA(0.5)
+    target.apply(params)
+    target.load_state_dict(source.state_dict())
+    target.apply(params)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        target.apply(params)
+    counts = {e.key: e.count for e in prof.key_averages()}
+    assert counts.get("aten::_foreach_lerp_", 0) == 0  # not tensor by tensor
+    assert counts["aten::lerp_"] == 1 and counts["aten::cat"] == 1
