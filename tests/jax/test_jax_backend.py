@@ -483,3 +483,24 @@ def test_sharded_checkpoints_through_orbax_load_onto_another_mesh(tmp_path: Any)
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == "ok"
+
+
+def test_other_libraries_arrays_are_leaves_without_asking_jax(monkeypatch: Any) -> None:
+    """With jax imported, the pytree walk must not hand another library's array to jax (under
+    torch.compile that is a graph break or an error): it is a leaf, decided without jax."""
+
+    class ForeignArray:  # an array of some other library, as torch.Tensor or a numpy array
+        def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+            return np.zeros(2)
+
+    class NamespacedArray:
+        def __array_namespace__(self, api_version: Any = None) -> Any:
+            return np
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("jax.tree_util was asked about another library's array")
+
+    monkeypatch.setattr(jax.tree_util, "tree_flatten_with_path", refuse)
+    backend = emacore.get_backend("jax")
+    for leaf in (ForeignArray(), NamespacedArray(), np.zeros(3)):
+        assert backend.flatten_node(leaf) is None
