@@ -15,6 +15,7 @@ from emacore._plugins import (
     get_backend,
     reset_registry,
 )
+from emacore._pytree import ShadowTree
 from emacore._state import EMAState
 from emacore._state_dict import LoadResult
 from emacore.backend import Backend, BackendSpec, Capabilities
@@ -46,6 +47,7 @@ __all__ = [
     # the functional API and its state
     "functional",
     "EMAState",
+    "ShadowTree",
     "schedules",
     # backends and plugins
     "backends",

@@ -17,7 +17,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["LEAF", "ShadowList", "flatten", "is_flat_sequence", "leaf_names", "unflatten"]
+__all__ = [
+    "LEAF",
+    "ShadowList",
+    "ShadowTree",
+    "flatten",
+    "is_flat_sequence",
+    "leaf_names",
+    "unflatten",
+]
 
 LEAF = "*"
 _NONE = ("none",)
@@ -29,9 +37,43 @@ class ShadowList(list):  # type: ignore[type-arg]
     ``backend_data`` lets a backend remember how it laid the shadows out (numpy packs them in
     one buffer) without a lookup per step. ``flatten`` and ``unflatten`` pass the same object
     through, so the notes survive a functional update of a flat list.
+
+    ``views`` is False where reading an item costs a copy (jax slices its packed buffers on
+    read): the core then reads ``first()`` and ``specs`` instead of every item, and keeps such
+    a list whole in a state of any structure (`ShadowTree`).
     """
 
     backend_data: Any = None
+    views: bool = True
+    specs: Any = None  # each shadow's (shape, dtype), where the backend knows them
+
+    def first(self) -> Any:
+        """One of the shadow arrays (for its type and placement), reading no other."""
+        return self[0]
+
+
+class ShadowTree:
+    """Shadows of a nested structure, kept whole as the backend laid them out.
+
+    `emacore.functional.init` gives this as ``state.shadow`` when asked for a packed
+    ``layout`` of a dict (or any nested structure) on a backend whose packed shadows cannot be
+    read leaf by leaf without copying (jax): updates then run on the packed buffers. It is a
+    pytree for jax (its buffers are the children). `tree` gives the structure with one array
+    per leaf; `emacore.functional.average` the averages.
+    """
+
+    __slots__ = ("shadows", "treedef")
+
+    def __init__(self, shadows: ShadowList, treedef: Any) -> None:
+        self.shadows = shadows
+        self.treedef = treedef
+
+    def tree(self) -> Any:
+        """The shadows in the parameters' structure, one array per leaf."""
+        return _build(self.treedef, iter(self.shadows))
+
+    def __repr__(self) -> str:
+        return f"ShadowTree({self.tree()!r})"
 
 
 def _resolve_node(x: Any) -> tuple[tuple[str, ...], list[Any], Any] | None:
@@ -97,6 +139,8 @@ def flatten(tree: Any) -> tuple[list[Any], Any]:
     >>> leaf_names(treedef)
     ('a/0', 'b')
     """
+    if isinstance(tree, ShadowTree):
+        return tree.shadows, tree.treedef
     if is_flat_sequence(tree):
         kind = "tuple" if type(tree) is tuple else "list"
         return (tree if isinstance(tree, ShadowList) else list(tree)), (kind, (LEAF,) * len(tree))
@@ -138,9 +182,16 @@ def _flatten_into(tree: Any, leaves: list[Any]) -> Any:
 
 
 def unflatten(treedef: Any, leaves: list[Any]) -> Any:
-    """Rebuild the container described by ``treedef`` from ``leaves`` (inverse of flatten)."""
-    if isinstance(leaves, ShadowList) and treedef == ("list", (LEAF,) * len(leaves)):
-        return leaves
+    """Rebuild the container described by ``treedef`` from ``leaves`` (inverse of flatten).
+
+    A `ShadowList` the backend made comes back as it is for a flat list, and as a
+    `ShadowTree` for any other structure when its items are not views (``views``).
+    """
+    if isinstance(leaves, ShadowList):
+        if treedef == ("list", (LEAF,) * len(leaves)):
+            return leaves
+        if not leaves.views:
+            return ShadowTree(leaves, treedef)
     it = iter(leaves)
     return _build(treedef, it)
 

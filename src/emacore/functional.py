@@ -59,7 +59,7 @@ def init(
     backend: str | Backend | None = None,
     shadow_dtype: Any = None,
     traceable: bool = False,
-    layout: str = "auto",
+    layout: str | None = None,
     device: Any = None,
 ) -> EMAState:
     """Create the state of an EMA over the pytree ``params``.
@@ -81,11 +81,15 @@ def init(
     device : optional
         Keep the shadows on this device (e.g. ``"cpu"`` for GPU parameters: offload) instead
         of each parameter's; every update then copies the parameters there first.
-    layout : {"auto", "flat", "separate"}
+    layout : {None, "auto", "flat", "separate"}
         How the backend lays the shadows out: ``"flat"`` packs them in one buffer per
         dtype and device (many small tensors then cost one kernel per step), ``"separate"``
-        allocates each; ``"auto"`` lets the backend choose (numpy and torch pack small
-        tensors). A backend that cannot honour a layout raises ``ValueError``.
+        allocates each; ``"auto"`` lets the backend choose (numpy, torch and jax pack small
+        tensors). A backend that cannot honour a layout raises ``ValueError``. None (the
+        default) is ``"auto"``, except that a nested structure on jax keeps one array per
+        leaf in ``state.shadow``: reading a leaf out of a packed jax buffer copies it, so a
+        packed state of a dict is a `emacore.ShadowTree` (read it with `average`), which you
+        get by asking for a layout.
     traceable : bool
         Keep the counters (``count``, ``decay_product``, ``last_decay``) as 0-d arrays on the
         first leaf's device instead of Python numbers, so that `update` inside
@@ -112,8 +116,11 @@ def init(
     check_floating(leaves, names, backends)
     dtypes = shadow_dtypes(leaves, backends, shadow_dtype, compat)
     shadows = create_shadows(
-        leaves, backends, zeros=zero_debias, dtypes=dtypes, layout=layout, device=device
+        leaves, backends, zeros=zero_debias, dtypes=dtypes, layout=layout or "auto", device=device
     )
+    packed = _packed(shadows)
+    if packed and layout is None and treedef != ("list", (_pytree.LEAF,) * len(leaves)):
+        shadows = list(shadows)  # one array per leaf: the state keeps the structure
     counters: dict[str, Any] = {}
     if traceable:
         if compat == "tensorflow":
@@ -123,7 +130,8 @@ def init(
             )
         if not leaves:
             raise ValueError("traceable=True needs at least one leaf to place its counters")
-        xp, where = backends[0].namespace(shadows[0]), backends[0].device(shadows[0])
+        first = shadows.first() if isinstance(shadows, _pytree.ShadowList) else shadows[0]
+        xp, where = backends[0].namespace(first), backends[0].device(first)
         wide = xp.float64 if _has_float64(xp) else xp.float32
         counters = {
             "count": xp.asarray(0, dtype=_default_int(xp), device=where),
@@ -132,7 +140,7 @@ def init(
         }
         # resolve the shadows' type now, so a traced update finds the registry's cache as
         # it will stay (a cache that grows under torch.compile is a recompile)
-        resolve_backends(shadows, names, backend)
+        resolve_backends([first], names[:1], backend)
     return EMAState(
         _pytree.unflatten(treedef, shadows),
         zero_debias=bool(zero_debias),
@@ -212,10 +220,24 @@ def update(
         raise StructureError(_structure_diff(s_def, p_def))
     names = _pytree.leaf_names(s_def)
     d = step_decay(decay, state.count if step is None else step, state.compat, dt)
-    s_backends = resolve_backends(s_leaves, names, backend)
+    packed = _packed(s_leaves)
+    specs = None
+    if isinstance(s_leaves, _pytree.ShadowList) and packed:
+        # read nothing out of the buffers: one array for the type, the shapes known
+        s_backends = resolve_backends([s_leaves.first()], names[:1], backend) * len(s_leaves)
+        specs = None if s_leaves.specs is None else list(s_leaves.specs)
+    else:
+        s_backends = resolve_backends(s_leaves, names, backend)
     p_backends = resolve_backends(p_leaves, names, backend)
+    self_checking = packed and s_backends[0].capabilities.self_checking
     check_pairs(
-        names, s_leaves, p_leaves, s_backends, p_backends, check_devices=state.device is None
+        names,
+        s_leaves,
+        p_leaves,
+        s_backends,
+        p_backends,
+        shadow_specs=specs,
+        check_devices=state.device is None and not self_checking,
     )
     finite = _guard(state, p_leaves, p_backends, names, nonfinite, inplace)
     if finite is False:
@@ -233,7 +255,11 @@ def update(
     )
     counters = advance(state, d)
     if finite is not True:  # a traced guard: keep the old values where it is false
-        new = [b.namespace(n).where(finite, n, s) for n, s, b in zip(new, s_leaves, s_backends)]
+        select = getattr(s_backends[0], "select", None) if packed else None
+        if select is not None:  # on the packed buffers, keeping their layout
+            new = select(finite, new, s_leaves)
+        else:
+            new = [b.namespace(n).where(finite, n, s) for n, s, b in zip(new, s_leaves, s_backends)]
         old = {"count": state.count, "decay_product": state.decay_product}
         old["last_decay"] = state.last_decay
         xp = s_backends[0].namespace(s_leaves[0])
@@ -290,6 +316,11 @@ def average(state: EMAState) -> Any:
     leaves, treedef = _pytree.flatten(state.shadow)
     names = _pytree.leaf_names(treedef)
     return _pytree.unflatten(treedef, averages(state, leaves, resolve_backends(leaves, names)))
+
+
+def _packed(shadows: Any) -> bool:
+    """A backend's list of shadows whose items are copies when read (jax's packed buffers)."""
+    return isinstance(shadows, _pytree.ShadowList) and not shadows.views
 
 
 def _has_float64(xp: Any) -> bool:

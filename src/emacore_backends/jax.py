@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 
 from emacore._generic import ArrayAPIBackend
-from emacore._pytree import ShadowList
+from emacore._pytree import ShadowList, ShadowTree
 from emacore._state import EMAState
 from emacore.backend import Capabilities
 
@@ -281,12 +281,20 @@ class _Packed(ShadowList):
     from the buffers on first access and kept until the next update replaces this list.
     """
 
+    views = False  # a leaf is sliced (copied) out of its buffer when read
+
     def __init__(self, plan: _Plan, arrays: list[Any]):
         super().__init__([None] * plan.n)
         self.plan = plan
         self.arrays = arrays
         self.fresh = False
         self.backend_data = plan
+
+    def first(self) -> Any:
+        """A buffer (for the type and placement), or the first leaf if it lives off device."""
+        if self.fresh or not self.arrays or self.plan.parts[0].offloaded:
+            return self[0]
+        return self.arrays[0]
 
     def _fill(self) -> None:
         if self.fresh:
@@ -342,6 +350,12 @@ jax.tree_util.register_pytree_node(
     _Packed,
     lambda packed: (packed.arrays, packed.plan),
     lambda plan, arrays: _Packed(plan, list(arrays)),
+)
+# a packed state of a dict (`functional.init(tree, layout=...)`): its buffers are the children
+jax.tree_util.register_pytree_node(
+    ShadowTree,
+    lambda tree: ((tree.shadows,), tree.treedef),
+    lambda treedef, children: ShadowTree(children[0], treedef),
 )
 
 
@@ -640,6 +654,10 @@ class JaxBackend(ArrayAPIBackend):
             for out, arrays in zip(outs, new):
                 out += arrays
         return [_Packed(plan, out) for plan, out in zip(plans, outs)]  # type: ignore[arg-type]
+
+    def select(self, flag: Any, new: Sequence[Any], old: Sequence[Any]) -> Any:
+        """``new`` where the 0-d ``flag`` is true, else ``old``, keeping a packed layout."""
+        return jax.tree.map(lambda n, o: jnp.where(flag, n, o), new, old)
 
     def scalar_like(self, value: float, x: Any) -> Any:
         """A 0-d array of ``x``'s dtype to combine with ``x``.

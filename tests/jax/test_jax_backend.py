@@ -504,3 +504,79 @@ def test_other_libraries_arrays_are_leaves_without_asking_jax(monkeypatch: Any) 
     backend = emacore.get_backend("jax")
     for leaf in (ForeignArray(), NamespacedArray(), np.zeros(3)):
         assert backend.flatten_node(leaf) is None
+
+
+def _tree_params(seed: int) -> dict[str, Any]:
+    rng = np.random.default_rng(seed)
+    return {
+        "layer": {
+            "kernel": jnp.asarray(rng.standard_normal((128, 64, 3, 3)), jnp.float32),
+            "bias": jnp.asarray(rng.standard_normal(64), jnp.float32),
+        },
+        "norm": [jnp.asarray(rng.standard_normal(64), jnp.float32) for _ in range(3)],
+    }
+
+
+def test_a_dict_state_keeps_one_array_per_leaf_unless_a_layout_is_asked_for() -> None:
+    params = _tree_params(7)
+    assert isinstance(F.init(params).shadow, dict)
+    packed = F.init(params, layout="auto")
+    assert isinstance(packed.shadow, emacore.ShadowTree)
+    (part,) = packed.shadow.shadows.plan.parts
+    assert len(packed.shadow.shadows.arrays) == 2 and part.raveled == (True,)
+    tree = packed.shadow.tree()
+    assert jax.tree.structure(tree) == jax.tree.structure(params)
+    for got, want in zip(jax.tree.leaves(tree), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert isinstance(F.init(params, layout="separate").shadow, emacore.ShadowTree)
+
+
+def test_a_packed_dict_state_in_jit_scan_and_donation_against_float64() -> None:
+    params, new = _tree_params(8), _tree_params(9)
+    state = F.init(params, layout="auto", traceable=True)
+    held = list(state.shadow.shadows.arrays)
+    step = jax.jit(lambda st, p: F.update(st, p, 0.75), donate_argnums=0)
+    state = step(state, new)
+    assert all(a.is_deleted() for a in held)
+    assert isinstance(state.shadow, emacore.ShadowTree)
+
+    def body(st: Any, _: Any) -> tuple[Any, None]:
+        return F.update(st, new, 0.75), None
+
+    state, _ = jax.lax.scan(body, state, None, length=2)
+    assert isinstance(state.shadow, emacore.ShadowTree)
+    for got, p, q in zip(
+        jax.tree.leaves(F.average(state)), jax.tree.leaves(params), jax.tree.leaves(new)
+    ):
+        s = np.asarray(p, np.float64)
+        for _ in range(3):
+            s = 0.75 * s + 0.25 * np.asarray(q, np.float64)
+        assert got.shape == p.shape
+        np.testing.assert_allclose(np.asarray(got), s, rtol=1e-5, atol=1e-6)
+
+
+def test_a_packed_dict_state_refuses_bad_input_and_skips_nonfinite_under_jit() -> None:
+    params = _tree_params(10)
+    state = F.init(params, layout="auto", traceable=True)
+    wrong = {"layer": params["layer"], "norm": params["norm"][:2]}
+    with pytest.raises(emacore.StructureError, match="missing leaves"):
+        F.update(state, wrong, 0.5)
+    bad_shape = {**params, "layer": {**params["layer"], "bias": jnp.zeros(63)}}
+    with pytest.raises(emacore.LeafMismatchError, match=r"leaf 'layer/bias': shape"):
+        F.update(state, bad_shape, 0.5)
+    poisoned = jax.tree.map(lambda x: x + 1.0, params)
+    poisoned["norm"][1] = poisoned["norm"][1].at[0].set(jnp.nan)
+    step = jax.jit(lambda st, p: F.update(st, p, 0.5, nonfinite="skip"))
+    after = step(state, poisoned)
+    assert isinstance(after.shadow, emacore.ShadowTree) and int(after.count) == 0
+    for got, want in zip(jax.tree.leaves(F.average(after)), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_a_packed_dict_state_goes_through_a_checkpoint(tmp_path: Any) -> None:
+    params, new = _tree_params(11), _tree_params(12)
+    state = F.update(F.init(params, layout="auto"), new, 0.5)
+    emacore.save(state, tmp_path / "state.safetensors")
+    loaded = emacore.load_state(tmp_path / "state.safetensors", xp=jnp)
+    for got, want in zip(jax.tree.leaves(F.average(loaded)), jax.tree.leaves(F.average(state))):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

@@ -90,3 +90,40 @@ def test_ema_params_in_a_jitted_chain() -> None:
         ema_params(0.9).update({"w": jnp.zeros(3)}, ema_params(0.9).init(params))
     with pytest.raises(ValueError, match="found 0"):
         averages(optax.sgd(0.1).init(params))
+
+
+@pytest.mark.parametrize("debias", [True, False])
+def test_a_packed_state_in_a_donated_jitted_chain_matches_optax_ema(debias: bool) -> None:
+    """ema_params(layout="auto"): the shadows of a dict of parameters in packed buffers (a
+    ShadowTree) through a jitted, donating optax step, against optax.ema on the same stream."""
+    rng = np.random.default_rng(2)
+    params = {
+        "conv": jnp.asarray(rng.standard_normal((128, 64, 3, 3)), jnp.float32),
+        **{f"b{i}": jnp.asarray(rng.standard_normal(8), jnp.float32) for i in range(5)},
+    }
+    tx = optax.chain(optax.sgd(0.1), ema_params(0.8, zero_debias=True, layout="auto"))
+    ref_tx = optax.ema(0.8, debias=debias)
+    opt_state, ref_state = tx.init(params), ref_tx.init(params)
+    shadow = opt_state[1].ema.shadow
+    assert isinstance(shadow, emacore.ShadowTree)
+    held = list(shadow.shadows.arrays)
+    assert len(held) == 2  # the five small leaves in one buffer, the conv kernel raveled
+
+    @jax.jit
+    def step(params: Any, opt_state: Any, grads: Any) -> tuple[Any, Any]:
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    step = jax.jit(step, donate_argnums=1)
+    for _ in range(6):
+        grads = jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), p.dtype), params)
+        params, opt_state = step(params, opt_state, grads)
+        reference, ref_state = ref_tx.update(params, ref_state)
+    assert all(a.is_deleted() for a in held)  # donated through the chain
+    # optax.ema averages from zero: with debias its debiased average is emacore's zero-debiased
+    # one; without, its biased average is emacore's zero-started shadow
+    ours = averages(opt_state) if debias else opt_state[1].ema.shadow.tree()
+    for k in params:
+        np.testing.assert_allclose(
+            np.asarray(ours[k]), np.asarray(reference[k]), rtol=2e-5, atol=1e-6
+        )
