@@ -56,8 +56,10 @@ class _Group:
         small: list[int],
         large: list[int],
         offsets: list[int] | None = None,
+        size: int = 0,
     ) -> None:
         self.device, self.dtype = device, dtype
+        self.size = size  # elements of `flat`: the small shadows (tiled: with padding)
         self.small, self.large = small, large
         self.members = small + large
         self.flat: torch.Tensor | None = None  # the small shadows, contiguous
@@ -328,17 +330,12 @@ def _arrange(like: Sequence[Any], params: Sequence[Any], limit: float, tile: boo
             tiled = {i for members, _, _ in tiles for i in members}
             idx = [i for i in idx if i not in tiled]
         for members, offsets, size in tiles:
-            group = _Group(device, dtype, members, [], offsets)
-            group.flat = torch.empty(size, device=device, dtype=dtype)
-            groups.append(group)
+            groups.append(_Group(device, dtype, members, [], offsets, size))
         if idx:
             small = [i for i in idx if params[i].numel() < limit]
             large = [i for i in idx if params[i].numel() >= limit]
-            group = _Group(device, dtype, small, large)
-            if small:
-                total = sum(params[i].numel() for i in small)
-                group.flat = torch.empty(total, device=device, dtype=dtype)
-            groups.append(group)
+            size = sum(params[i].numel() for i in small)
+            groups.append(_Group(device, dtype, small, large, size=size))
     return groups
 
 
@@ -347,15 +344,18 @@ def _allocate(
 ) -> list[Any]:
     """The shadows of ``groups``: views of their flat buffers, or tensors of their own.
 
-    Filled with ``values`` (or zeros). ``keep``: a large one that already is a tensor of its
-    own (``values`` being the shadows) is returned as it is.
+    Makes the flat buffers; fills the shadows with ``values`` (or zeros). ``keep``: a large
+    one that already is a tensor of its own (``values`` being the shadows) is returned as it
+    is.
     """
     out: list[Any] = [None] * len(values)
     with torch.no_grad():
         for group in groups:
-            if group.flat is not None:
+            if group.small:
+                # a tiled group's padding between the pieces is never read, but defined
+                make = torch.zeros if group.offsets is not None else torch.empty
+                group.flat = make(group.size, device=group.device, dtype=group.dtype)
                 if group.offsets is not None:
-                    group.flat.zero_()  # padding between the pieces: never read, but defined
                     offsets = group.offsets
                 else:
                     offsets = list(
