@@ -14,6 +14,7 @@ whatever their insertion order.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from typing import Any
 
@@ -204,7 +205,10 @@ def _build(treedef: Any, it: Any) -> Any:
         return None
     if kind == "dict":
         _, t, keys, children = treedef
-        built = {k: _build(c, it) for k, c in zip(keys, children)}
+        if children.count(LEAF) == len(children):  # the common innermost dict, at C speed
+            built = dict(zip(keys, itertools.islice(it, len(keys))))
+        else:
+            built = {k: _build(c, it) for k, c in zip(keys, children)}
         return built if t is dict else t(built)
     if kind == "namedtuple":
         _, t, children = treedef
@@ -213,8 +217,8 @@ def _build(treedef: Any, it: Any) -> Any:
         _, rebuild, _, children = treedef
         return rebuild.unflatten([_build(c, it) for c in children])
     children = treedef[1]
-    if kind == "list" and all(c == LEAF for c in children):
-        return [next(it) for _ in children]
+    if kind == "list" and children.count(LEAF) == len(children):
+        return list(itertools.islice(it, len(children)))
     items = [_build(c, it) for c in children]
     return items if kind == "list" else tuple(items)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 __all__ = ["EMAState"]
@@ -30,6 +30,12 @@ class EMAState:
     device : optional
         Where the shadows live when offloaded (``init(..., device=...)``); None: on each
         parameter's own device.
+    backend_list : optional
+        The backend's own list of the arrays in ``shadow`` (in flattened order), kept for the
+        notes on how it laid them out (numpy and torch pack small shadows in one buffer) when
+        ``shadow`` is a structure rebuilt from it. An update that finds the same arrays in
+        ``shadow`` hands the backend this list, and so its packed fast path. Not compared,
+        not shown, and not part of the state as a jax pytree.
     """
 
     shadow: Any
@@ -39,6 +45,7 @@ class EMAState:
     zero_debias: bool = False
     compat: str = "default"
     device: Any = None
+    backend_list: Any = field(default=None, repr=False, compare=False)
 
     def replace(self, **changes: Any) -> EMAState:
         """Return a copy with ``changes`` applied."""

@@ -18,6 +18,7 @@ array([4.5, 4.5, 4.5], dtype=float32)
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 from emacore import _pytree
@@ -141,11 +142,13 @@ def init(
         # resolve the shadows' type now, so a traced update finds the registry's cache as
         # it will stay (a cache that grows under torch.compile is a recompile)
         resolve_backends([first], names[:1], backend)
+    tree = _pytree.unflatten(treedef, shadows)
     return EMAState(
-        _pytree.unflatten(treedef, shadows),
+        tree,
         zero_debias=bool(zero_debias),
         compat=compat,
         device=device,
+        backend_list=_kept(shadows, tree),
         **counters,
     )
 
@@ -218,6 +221,11 @@ def update(
     s_leaves, s_def = _pytree.flatten(state.shadow)
     if p_def != s_def:
         raise StructureError(_structure_diff(s_def, p_def))
+    held = state.backend_list
+    if held is not None and len(held) == len(s_leaves) and all(map(operator.is_, held, s_leaves)):
+        s_leaves = held  # the same arrays: the backend's list, with its layout notes
+    else:
+        held = None
     names = _pytree.leaf_names(s_def)
     d = step_decay(decay, state.count if step is None else step, state.compat, dt)
     packed = _packed(s_leaves)
@@ -228,6 +236,8 @@ def update(
         specs = None if s_leaves.specs is None else list(s_leaves.specs)
     else:
         s_backends = resolve_backends(s_leaves, names, backend)
+        if isinstance(s_leaves, _pytree.ShadowList):  # noted when it was kept (`_kept`)
+            specs = s_leaves.specs
     p_backends = resolve_backends(p_leaves, names, backend)
     self_checking = packed and s_backends[0].capabilities.self_checking
     check_pairs(
@@ -264,7 +274,9 @@ def update(
         old["last_decay"] = state.last_decay
         xp = s_backends[0].namespace(s_leaves[0])
         counters = {k: xp.where(finite, v, old[k]) for k, v in counters.items()}
-    return state.replace(shadow=_pytree.unflatten(s_def, new), **counters)
+    # updated in place in the list the state holds: its structure holds the same arrays
+    tree = state.shadow if held is not None and new is held else _pytree.unflatten(s_def, new)
+    return state.replace(shadow=tree, backend_list=_kept(new, tree), **counters)
 
 
 def _guard(
@@ -316,6 +328,19 @@ def average(state: EMAState) -> Any:
     leaves, treedef = _pytree.flatten(state.shadow)
     names = _pytree.leaf_names(treedef)
     return _pytree.unflatten(treedef, averages(state, leaves, resolve_backends(leaves, names)))
+
+
+def _kept(shadows: Any, tree: Any) -> Any:
+    """The backend's list to keep beside ``tree`` (`EMAState.backend_list`), or None.
+
+    Notes its shadows' shapes and dtypes on it (they never change), for the next update's
+    checks; once, so that an update under ``torch.compile`` finds the list as it will stay.
+    """
+    if isinstance(shadows, _pytree.ShadowList) and shadows.views and tree is not shadows:
+        if shadows.specs is None:
+            shadows.specs = list(map(operator.attrgetter("shape", "dtype"), shadows))
+        return shadows
+    return None
 
 
 def _packed(shadows: Any) -> bool:

@@ -55,6 +55,7 @@ jax.tree_util.register_dataclass(
     EMAState,
     data_fields=["shadow", "count", "decay_product", "last_decay"],
     meta_fields=["zero_debias", "compat", "device"],
+    drop_fields=["backend_list"],  # numpy's and torch's layout notes; never jax arrays
 )
 
 # Incremented each time the compiled update is traced (that is, compiled): tests count it.

@@ -583,7 +583,7 @@ class TorchBackend(ArrayAPIBackend):
                 layout = _Layout.loose(shadows)
             if torch.compiler.is_compiling():
                 self._traced(layout, shadows, params, c, exact)
-                return list(shadows)
+                return shadows if isinstance(shadows, list) else list(shadows)
             plans = [self._prepare(g, shadows, params) for g in layout.groups]
             if (layout.seen is None or any(g.missed for g in layout.groups)) and self._settle(
                 layout, shadows, params

@@ -94,7 +94,8 @@ def test_no_allocation_per_step_after_the_first() -> None:
 
 
 def test_read_only_shadow_is_refused_and_nothing_changes() -> None:
-    state = F.init({"w": np.zeros(3, np.float32), "v": np.zeros(2, np.float32)})
+    # separate shadows: packed ones are written through their common (writable) buffer
+    state = F.init({"w": np.zeros(3, np.float32), "v": np.zeros(2, np.float32)}, layout="separate")
     state.shadow["v"].flags.writeable = False
     before = state.shadow["w"].copy()
     with pytest.raises(emacore.ReadOnlyError, match="leaf 'v': its shadow is a read-only"):
@@ -167,3 +168,23 @@ def test_half_parameters_get_float32_shadows_by_default() -> None:
     assert same.average(params)["w"].dtype == np.float16
     assert tf_like.average(params)["w"].dtype == np.float16  # TF keeps the variable's dtype
     np.testing.assert_array_equal(same.average(params)["w"], 1.0)  # stuck
+
+
+def test_a_functional_dict_state_keeps_its_packed_buffer() -> None:
+    """state.shadow is a dict of views of one buffer; updates keep using that buffer."""
+    from emacore_backends.numpy import _Packing
+
+    params = {f"p{i:02d}": np.full(5, float(i), np.float32) for i in range(30)}
+    state = F.init(params)
+    base = state.shadow["p00"].base
+    for k in range(1, 4):
+        values = {n: v + k for n, v in params.items()}
+        state = F.update(state, values, 0.5, inplace=True)
+    assert isinstance(state.backend_list.backend_data, _Packing)
+    assert all(state.shadow[n].base is base for n in params)
+    for n, v in params.items():  # s = v, then toward v+1, v+2, v+3 by halves
+        np.testing.assert_allclose(state.shadow[n], v + 2.125)
+    out = F.update(state, params, 0.5)  # not in place: a new packed buffer, the old one kept
+    assert out.shadow["p00"].base is not base
+    np.testing.assert_allclose(state.shadow["p03"], np.full(5, 5.125))
+    np.testing.assert_allclose(out.shadow["p03"], np.full(5, 4.0625))

@@ -540,3 +540,22 @@ def test_a_loaded_state_dict_keeps_small_tensors_packed() -> None:
     counts = {e.key: e.count for e in prof.key_averages()}
     assert counts.get("aten::_foreach_lerp_", 0) == 0  # not tensor by tensor
     assert counts["aten::lerp_"] == 1 and counts["aten::cat"] == 1
+
+
+@pytest.mark.parametrize("inplace", [True, False])
+def test_a_functional_dict_state_keeps_small_tensors_packed(inplace: bool) -> None:
+    """state.shadow is a dict of views; the update still runs on the packed buffer."""
+    from torch.profiler import ProfilerActivity, profile
+
+    params = {f"p{i:02d}": torch.randn(16) for i in range(40)}
+    state = emacore.functional.init(params)
+    assert isinstance(state.shadow, dict)
+    new = {k: v + 1.0 for k, v in params.items()}
+    state = emacore.functional.update(state, new, 0.5, inplace=inplace)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        state = emacore.functional.update(state, new, 0.5, inplace=inplace)
+    counts = {e.key: e.count for e in prof.key_averages()}
+    assert counts.get("aten::_foreach_lerp_", 0) == 0  # not tensor by tensor
+    assert counts["aten::lerp_"] == 1 and counts["aten::cat"] == 1
+    for k, p in params.items():
+        torch.testing.assert_close(state.shadow[k], p + 0.75)
