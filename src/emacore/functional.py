@@ -336,11 +336,11 @@ def _kept(shadows: Any, tree: Any) -> Any:
     Notes its shadows' shapes and dtypes on it (they never change), for the next update's
     checks; once, so that an update under ``torch.compile`` finds the list as it will stay.
     """
-    if isinstance(shadows, _pytree.ShadowList) and shadows.views and tree is not shadows:
-        if shadows.specs is None:
-            shadows.specs = list(map(operator.attrgetter("shape", "dtype"), shadows))
-        return shadows
-    return None
+    if not (isinstance(shadows, _pytree.ShadowList) and shadows.views):
+        return None
+    if shadows.specs is None:
+        shadows.specs = list(map(operator.attrgetter("shape", "dtype"), shadows))
+    return shadows if tree is not shadows else None  # a flat list state is the list itself
 
 
 def _packed(shadows: Any) -> bool:
