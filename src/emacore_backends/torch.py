@@ -656,9 +656,15 @@ class TorchBackend(ArrayAPIBackend):
     def _copy(self, shadows: Sequence[Any]) -> list[Any]:
         """New shadows with the same values and layout (for a functional update)."""
         layout = getattr(shadows, "backend_data", None)
-        packed = isinstance(layout, _Layout) and any(g.flat is not None for g in layout.groups)
-        # not tiled after the shadows, which tile their own buffer
-        return self._create(list(shadows), False, "auto" if packed else "separate", tile=False)
+        if not isinstance(layout, _Layout) or layout.size != len(shadows):
+            return self._create(list(shadows), False, "separate", tile=False)
+        groups = [
+            _Group(g.device, g.dtype, g.small, g.large, g.offsets, g.size) for g in layout.groups
+        ]
+        out = ShadowList(_allocate(groups, shadows, zeros=False))
+        out.backend_data = copied = _Layout(groups, len(out), layout.limit, layout.tile)
+        copied.seen = layout.seen  # laid out for the same parameters
+        return out
 
     def _prepare(
         self, group: _Group, shadows: Sequence[Any], params: Sequence[Any]

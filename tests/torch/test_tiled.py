@@ -222,6 +222,13 @@ def test_functional_update_of_flattened_parameters() -> None:
         seen.append([p.detach().double().clone() for p in params])
     for got, want in zip(F.average(state), _reference(seen, 0.75)):
         torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
+    # not in place: the new state's shadows are a copy laid out as the old, still one kernel
+    counts = _kernels(lambda: F.update(state, params, decay=0.75))
+    assert counts.get("aten::cat", 0) == 0 and counts["aten::lerp_"] == 1
+    before = [s.clone() for s in state.shadow]
+    F.update(state, params, decay=0.75)
+    for s, b in zip(state.shadow, before):  # the old state is left as it was
+        torch.testing.assert_close(s, b, rtol=0, atol=0)
 
 
 def test_a_nan_in_a_flattened_parameter_skips_the_whole_update() -> None:
