@@ -46,7 +46,8 @@ class ShadowList(list):  # type: ignore[type-arg]
 
     backend_data: Any = None
     views: bool = True
-    specs: Any = None  # each shadow's (shape, dtype), where the backend knows them
+    specs: Any = None  # each shadow's (shape, dtype), where the backend or the core noted them
+    noted: tuple[Any, ...] | None = None  # the items when the core noted ``specs``
 
     def first(self) -> Any:
         """One of the shadow arrays (for its type and placement), reading no other."""

@@ -226,6 +226,8 @@ def update(
         s_leaves = held  # the same arrays: the backend's list, with its layout notes
     else:
         held = None
+        if _replaced(s_leaves):  # a flat list state whose items were replaced since
+            s_leaves = list(s_leaves)  # then the notes describe other arrays: drop them
     names = _pytree.leaf_names(s_def)
     d = step_decay(decay, state.count if step is None else step, state.compat, dt)
     packed = _packed(s_leaves)
@@ -272,7 +274,8 @@ def update(
             new = [b.namespace(n).where(finite, n, s) for n, s, b in zip(new, s_leaves, s_backends)]
         old = {"count": state.count, "decay_product": state.decay_product}
         old["last_decay"] = state.last_decay
-        xp = s_backends[0].namespace(s_leaves[0])
+        first = s_leaves.first() if isinstance(s_leaves, _pytree.ShadowList) else s_leaves[0]
+        xp = s_backends[0].namespace(first)
         counters = {k: xp.where(finite, v, old[k]) for k, v in counters.items()}
     # updated in place in the list the state holds: its structure holds the same arrays
     tree = state.shadow if held is not None and new is held else _pytree.unflatten(s_def, new)
@@ -338,9 +341,18 @@ def _kept(shadows: Any, tree: Any) -> Any:
     """
     if not (isinstance(shadows, _pytree.ShadowList) and shadows.views):
         return None
-    if shadows.specs is None:
+    if shadows.specs is None or _replaced(shadows):
         shadows.specs = list(map(operator.attrgetter("shape", "dtype"), shadows))
+        shadows.noted = tuple(shadows)  # the arrays, not ids: a freed one's id is reused
     return shadows if tree is not shadows else None  # a flat list state is the list itself
+
+
+def _replaced(shadows: Any) -> bool:
+    """A backend's list (not packed) whose items are no longer those the core noted."""
+    if not isinstance(shadows, _pytree.ShadowList) or not shadows.views or shadows.noted is None:
+        return False
+    noted = shadows.noted
+    return len(noted) != len(shadows) or not all(map(operator.is_, noted, shadows))
 
 
 def _packed(shadows: Any) -> bool:

@@ -72,10 +72,17 @@ class _Group:
         # a tiled group: where each small parameter starts in the span of storage they share
         # (their shadows sit at the same places in `flat`)
         self.offsets = offsets
-        self.missed = False  # the last update found the parameters' storage changed
+        self.missed = False  # the last update found other parameters, or moved storage
 
     def signature(self) -> tuple[Any, ...]:
         return (self.device, self.dtype, self.small, self.large, self.offsets)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # a copy (deepcopy, pickle) must not keep views of the parameters it was updated from:
+        # their copies would pass for the live parameters (same ids and pointers) and freeze
+        state = dict(self.__dict__)
+        state.update(views=None, param_ids=[], param_ptrs=[], scratch=None, missed=False)
+        return state
 
     def small_params(self, params: Sequence[Any]) -> Sequence[Any]:
         if self.small_is_all and len(params) == len(self.small):
@@ -86,17 +93,16 @@ class _Group:
         """The cached views, if the small parameters are the same tensors on the same storage.
 
         Then nothing about them can have changed since they were checked: a tensor's dtype,
-        device and shape change only with its storage (``p.data = ...``).
+        device and shape change only with its storage (``p.data = ...``). Notes whether they
+        changed since the last update (`missed`): only then may the layout need a look.
         """
-        if self.views is None:
-            return None
         small = self.small_params(params)
-        if (
-            list(map(id, small)) == self.param_ids
-            and list(map(torch.Tensor.data_ptr, small)) == self.param_ptrs
-        ):
-            return self.views
-        return None
+        ids, ptrs = list(map(id, small)), list(map(torch.Tensor.data_ptr, small))
+        self.missed = ids != self.param_ids or ptrs != self.param_ptrs
+        if self.missed:
+            self.param_ids, self.param_ptrs = ids, ptrs
+            self.views = None
+        return self.views
 
     def gather_views(
         self, shadows: Sequence[Any], params: Sequence[Any]
@@ -119,8 +125,6 @@ class _Group:
             # a non-contiguous parameter gives a copy, not a view: gather it afresh every step
             cacheable = all(v.data_ptr() == p.data_ptr() for v, p in zip(views, small))
         self.views = views if cacheable else None
-        self.param_ids = list(map(id, small))
-        self.param_ptrs = list(map(torch.Tensor.data_ptr, small))
         return views
 
     def source(self, views: list[torch.Tensor]) -> torch.Tensor:
@@ -165,6 +169,12 @@ class _Layout:
         # for DTensor parameters: the shadows are DTensors over these local shards, which
         # the groups update (shard-local: no communication)
         self.local: Sequence[Any] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # a copy has no update in flight, and is checked against its parameters afresh
+        state = dict(self.__dict__)
+        state.update(side=None, event=None, seen=None)
+        return state
 
     def wait(self) -> None:
         """Make the current stream wait for the update queued on the side stream."""
@@ -256,6 +266,11 @@ def _widens(param: torch.dtype, shadow: torch.dtype) -> bool:
     return bool(p.bits <= s.bits and p.eps >= s.eps and p.max <= s.max)
 
 
+def _plain(x: Any) -> bool:
+    """A tensor whose storage we may read: not a wrapper subclass (float8, NF4 weights)."""
+    return type(x) in (torch.Tensor, torch.nn.Parameter) and x.layout == torch.strided
+
+
 def _tilings(
     params: Sequence[Any], idx: list[int]
 ) -> tuple[list[tuple[list[int], list[int], int]], list[int]]:
@@ -269,7 +284,7 @@ def _tilings(
     rest: list[int] = []
     for i in idx:
         p = params[i]
-        if p.layout == torch.strided and p.numel() and p.is_contiguous():
+        if _plain(p) and p.numel() and p.is_contiguous() and p.data_ptr():
             by_storage.setdefault(p.untyped_storage().data_ptr(), []).append(i)
         else:
             rest.append(i)
@@ -295,13 +310,13 @@ def _tilings(
 def _span(params: Sequence[Any], offsets: list[int], size: int) -> torch.Tensor | None:
     """The 1-d span of storage ``params`` tile at ``offsets``, or None if they do not."""
     first = params[0]
-    if first.layout != torch.strided:
+    if not _plain(first):
         return None
     storage = first.untyped_storage().data_ptr()
     base = first.storage_offset() - offsets[0]
     for p, offset in zip(params, offsets):
         if (
-            p.layout != torch.strided
+            not _plain(p)
             or not p.is_contiguous()
             or p.storage_offset() - base != offset
             or p.untyped_storage().data_ptr() != storage
@@ -361,11 +376,14 @@ def _allocate(
                     offsets = list(
                         itertools.accumulate((values[i].numel() for i in group.small), initial=0)
                     )[:-1]
+                storage = group.flat.untyped_storage()
                 for i, offset in zip(group.small, offsets):
                     v = values[i]
-                    view = group.flat[offset : offset + v.numel()].view(v.shape)
-                    view.zero_() if zeros else view.copy_(v)
-                    out[i] = view
+                    # an alias of the buffer, not an autograd view of it (whose ``_base``
+                    # would keep the buffer alive after `_settle` moves the shadow elsewhere)
+                    alias = group.flat.new_empty(0).set_(storage, offset, v.shape)
+                    alias.zero_() if zeros else alias.copy_(v)
+                    out[i] = alias
             for i in group.large:
                 v = values[i]
                 if keep and _owns_storage(v):
@@ -378,8 +396,11 @@ def _allocate(
 
 
 def _owns_storage(x: torch.Tensor) -> bool:
-    """Whether ``x`` is a contiguous tensor alone in its storage (not a view into a buffer)."""
-    return bool(
+    """Whether ``x`` is a contiguous tensor alone in its storage (not a view into a buffer).
+
+    A wrapper subclass counts as alone: nothing of it lies in our buffers.
+    """
+    return not _plain(x) or bool(
         x.is_contiguous()
         and x.storage_offset() == 0
         and x.untyped_storage().nbytes() == x.numel() * x.element_size()
@@ -456,20 +477,27 @@ class TorchBackend(ArrayAPIBackend):
         seen = (tuple(map(id, params)), tuple(p.data_ptr() for p in params))
         if seen == layout.seen or layout.local is not None:
             return False
-        layout.seen = seen
+        if not layout.tile:
+            layout.seen = seen
+            return False
+        if not any(g.offsets is not None for g in layout.groups):
+            storages = [p.untyped_storage().data_ptr() for p in params if _plain(p)]
+            if len(set(storages)) == len(storages):
+                layout.seen = seen  # nothing tiled, and nothing to tile
+                return False
         groups = _arrange(shadows, params, layout.limit, layout.tile)
         if [g.signature() for g in groups] == [g.signature() for g in layout.groups]:
+            layout.seen = seen
             return False
         layout.wait()  # an update still running on the side stream reads the old buffers
         moved = _allocate(groups, shadows, zeros=False, keep=True)
         for shadow, new in zip(shadows, moved):
             if new is not shadow:
                 shadow.set_(new)
+                if layout.side is not None:
+                    STREAMS.keep(shadow, layout.side)
         layout.groups = groups
-        if layout.side is not None:
-            for group in groups:
-                if group.flat is not None:
-                    STREAMS.keep(group.flat, layout.side)
+        layout.seen = seen
         return True
 
     def _create_distributed(self, params: Sequence[Any], zeros: bool, layout: str) -> ShadowList:
@@ -677,7 +705,6 @@ class TorchBackend(ArrayAPIBackend):
         """
         members = group.large
         views = group.cached_views(params) if group.small else None
-        group.missed = bool(group.small) and views is None
         if group.small and views is None:
             if {params[i].dtype for i in group.small} == {group.dtype}:
                 views = group.gather_views(shadows, params)

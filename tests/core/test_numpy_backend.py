@@ -188,3 +188,17 @@ def test_a_functional_dict_state_keeps_its_packed_buffer() -> None:
     assert out.shadow["p00"].base is not base
     np.testing.assert_allclose(state.shadow["p03"], np.full(5, 5.125))
     np.testing.assert_allclose(out.shadow["p03"], np.full(5, 4.0625))
+
+
+def test_a_replaced_leaf_of_a_flat_list_state_is_checked_as_it_is() -> None:
+    """The notes the core keeps on a list state (shapes, the backend's layout) describe its
+    arrays; a leaf replaced by the user is checked, and updated, as itself."""
+    params = [np.ones(3, np.float32), np.ones(4, np.float32)]
+    state = F.update(F.init(params), params, 0.5, inplace=True)
+    state.shadow[1] = np.zeros(5, np.float32)
+    with pytest.raises(emacore.LeafMismatchError, match=r"leaf '1': shape \(4,\)"):
+        F.update(state, params, 0.5, inplace=True)
+    state.shadow[1] = np.zeros(4, np.float32)  # the right shape: it is the one updated
+    state = F.update(state, params, 0.5, inplace=True)
+    np.testing.assert_array_equal(state.shadow[1], np.full(4, 0.5))
+    np.testing.assert_array_equal(state.shadow[0], np.ones(3))

@@ -441,3 +441,92 @@ def test_a_portable_checkpoint_loads_into_a_flattened_model_and_tiles(tmp_path: 
     assert _is_tiled(target) == [True]
     for got, s in zip(target.average(list(tiled.parameters())), start):
         torch.testing.assert_close(got.double(), 0.5 * s + 1.5, rtol=1e-6, atol=1e-7)
+
+
+# -- what a review of this layout found ---------------------------------------------------
+
+
+def test_laying_shadows_out_anew_frees_the_old_buffer() -> None:
+    import gc
+    import weakref
+
+    model = _model()
+    flatten_parameters(model)
+    ema = emacore.EMA(0.5)
+    ema.apply(model)
+    old = weakref.ref(_groups(ema)[0].flat)
+    params = list(model.parameters())
+    params[0].data = params[0].detach().clone()  # the others tile a part of the buffer
+    ema.apply(model)
+    assert _is_tiled(ema) == [True, False]
+    gc.collect()
+    assert old() is None  # the shadows are aliases of the buffer, not autograd views of it
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "torch.save"])
+def test_a_copied_state_updates_from_the_live_parameters(how: str, tmp_path: Any) -> None:
+    """A copy must not keep the views of the parameters it was updated from: theirs would be
+    copies that pass for the live parameters and never change."""
+    import copy
+
+    model = _model()
+    flatten_parameters(model)
+    params = dict(model.named_parameters())
+    state = F.update(F.init(params), params, 0.5, inplace=True)
+    if how == "deepcopy":
+        state = copy.deepcopy(state)
+    else:
+        torch.save(state, tmp_path / "state.pt")
+        state = torch.load(tmp_path / "state.pt", weights_only=False)
+    expected = {k: s.double().clone() for k, s in state.shadow.items()}
+    with torch.no_grad():
+        for p in params.values():
+            p.add_(100.0)
+    state = F.update(state, params, 0.5, inplace=True)
+    for k, p in params.items():
+        want = 0.5 * expected[k] + 0.5 * p.detach().double()
+        torch.testing.assert_close(state.shadow[k].double(), want, rtol=1e-6, atol=1e-5)
+
+
+def test_wrapper_subclass_parameters_are_averaged_as_tensors_of_their_own() -> None:
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    model = nn.Linear(300, 300)
+    weight = torch.randn(300, 300)
+    model.weight = nn.Parameter(TwoTensor(weight, weight.clone()))
+    ema = emacore.EMA(0.5)
+    ema.apply(model)
+    moved = weight + 2.0
+    model.weight = nn.Parameter(TwoTensor(moved, moved.clone()))  # tracked by name
+    ema.apply(model)
+    avg = ema.average(model)["weight"]
+    assert isinstance(avg, TwoTensor)
+    torch.testing.assert_close(avg.a, weight + 1.0)
+    torch.testing.assert_close(avg.b, weight + 1.0)
+
+
+def test_the_layout_is_looked_at_only_when_the_parameters_change(monkeypatch: Any) -> None:
+    calls = []
+    settle = torch_backend.TorchBackend._settle
+
+    def counting(self: Any, *args: Any) -> bool:
+        calls.append(1)
+        return bool(settle(self, *args))
+
+    monkeypatch.setattr(torch_backend.TorchBackend, "_settle", counting)
+    params = [torch.randn(10, dtype=torch.bfloat16) for _ in range(20)]  # never gathered
+    ema = emacore.EMA(0.9)
+    ema.apply(params)
+    for _ in range(5):
+        ema.apply(params)
+    assert len(calls) == 1  # the first update's look, not one per step
+    params[3].data = params[3].detach().clone()
+    ema.apply(params)
+    assert len(calls) == 2
+
+
+def test_flatten_parameters_on_the_meta_device() -> None:
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    (buffer,) = flatten_parameters(model)
+    assert buffer.device.type == "meta" and buffer.numel() == 16 + 16 + 16 + 16

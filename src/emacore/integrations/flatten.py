@@ -89,7 +89,8 @@ def flatten_parameters(model: Any, *, align_bytes: int = ALIGN_BYTES) -> list[An
                 f"flatten_parameters: {name} (shape {tuple(p.shape)}, strides {p.stride()}) is "
                 "not contiguous; flattening would change its memory format"
             )
-        storages.setdefault(p.untyped_storage().data_ptr(), []).append((name, p))
+        if p.data_ptr():  # meta tensors (no memory) all point at 0: none overlaps another
+            storages.setdefault(p.untyped_storage().data_ptr(), []).append((name, p))
     for pieces in storages.values():  # pieces of one buffer may move, views that overlap not
         pieces.sort(key=lambda piece: piece[1].storage_offset())
         for (a, x), (b, y) in itertools.pairwise(pieces):
