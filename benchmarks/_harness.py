@@ -94,33 +94,46 @@ def gc_off() -> Iterator[None]:
             gc.enable()
 
 
-def time_once(fn: Callable[[], Any], inner: int) -> float:
-    """Seconds per call of ``fn()``, the mean of ``inner`` calls in a row."""
+def time_once(fn: Callable[[], Any], inner: int, sync: Callable[[], Any] | None = None) -> float:
+    """Seconds per call of ``fn()``, the mean of ``inner`` calls in a row.
+
+    ``sync`` (e.g. ``torch.cuda.synchronize``) waits for the work queued on a device, before the
+    clock starts and before it stops.
+    """
+    if sync is not None:
+        sync()
     t0 = time.perf_counter()
     for _ in range(inner):
         fn()
+    if sync is not None:
+        sync()
     return (time.perf_counter() - t0) / inner
 
 
 def measure(
-    methods: Sequence[TimedMethod], repeat: int, rng: random.Random, warmup: int = 0
+    methods: Sequence[TimedMethod],
+    repeat: int,
+    rng: random.Random,
+    warmup: int = 0,
+    sync: Callable[[], Any] | None = None,
 ) -> None:
     """Interleave the methods: each repetition runs all of them once, in a shuffled order.
 
     With the garbage collector off throughout: each method first runs ``warmup`` steps, then one
     timed step picks its inner loop count (so that a sample lasts about ``MIN_SAMPLE_S``); then
-    ``repeat`` repetitions each append one sample to every method.
+    ``repeat`` repetitions each append one sample to every method. ``sync``: see `time_once`.
     """
     with gc_off():
         for m in methods:  # warm up, then pick the inner loop count
             for _ in range(warmup):
                 m.step()
-            m.inner = max(1, math.ceil(MIN_SAMPLE_S / max(time_once(m.step, 1), 1e-9)))
+            once = max(time_once(m.step, 1, sync), 1e-9)
+            m.inner = max(1, math.ceil(MIN_SAMPLE_S / once))
         for _ in range(repeat):
             order = list(methods)
             rng.shuffle(order)
             for m in order:
-                m.samples.append(time_once(m.step, m.inner))
+                m.samples.append(time_once(m.step, m.inner, sync))
 
 
 # -- the report -----------------------------------------------------------------------------

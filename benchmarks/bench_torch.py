@@ -24,7 +24,16 @@ update step of:
 5. a floor: a single ``a.lerp_(b, 1 - d)`` over two flat contiguous float32 buffers holding as
    many elements as the set has parameters. It moves the 12 bytes per parameter an update must
    move (read ``p``, read and write ``s``) in one kernel call, so it is about the memory
-   bandwidth floor, with torch's intra-op threads.
+   bandwidth floor, with torch's intra-op threads;
+6. a copy, ``b.copy_(a)``, of 1.5 floats a parameter: the same 12 bytes, the device's copy
+   bandwidth (``x copy`` is the share of it a method reaches).
+
+``--device cuda`` runs all of it on the GPU instead (a sample then waits for the device with
+``torch.cuda.synchronize`` before its clock starts and stops; allocations come from the CUDA
+caching allocator's counters), and adds a table of the share of the copy bandwidth emacore
+reaches on the large sets (the issue's aim on an H100: 85%). On a GPU machine without nox:
+``EMACORE_TEST_BACKENDS=torch python -m pytest -m gpu tests/torch`` then
+``PYTHONPATH=src:benchmarks python benchmarks/bench_torch.py --device cuda``.
 
 Methodology: the machine this runs on is shared and noisy, so only ratios measured side by side
 in one run mean anything. Every method is warmed up (the first step creates or copies the
@@ -54,6 +63,7 @@ not installed is skipped, and the report says so.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import copy
 import gc
@@ -101,6 +111,11 @@ EMACORE_LIST = "emacore `apply(list_of_params)`"
 EMACORE_FLAT = "emacore `apply(model)`, parameters flattened"
 HAND = "by hand `torch._foreach_lerp_`"
 FLOOR = "floor: one flat `a.lerp_(b, w)`"
+COPY = "copy: one flat `b.copy_(a)` of 12 bytes a parameter"
+COPY_TARGET = 0.85  # on a GPU: emacore at >= 85% of the copy bandwidth (the issue's H100 aim)
+
+# where everything runs (`--device`); CPU unless asked
+DEVICE = torch.device("cpu")
 
 EMACORE, PEER, BASELINE = "emacore", "peer", "baseline"
 
@@ -271,9 +286,22 @@ def by_hand(model: nn.Module, params: list[nn.Parameter]) -> Callable[[], Any]:
 
 
 def floor(total: int) -> Callable[[], Any]:
-    a = torch.zeros(total, dtype=torch.float32)
-    b = torch.full((total,), 1e-3, dtype=torch.float32)
+    a = torch.zeros(total, dtype=torch.float32, device=DEVICE)
+    b = torch.full((total,), 1e-3, dtype=torch.float32, device=DEVICE)
     return lambda: a.lerp_(b, WEIGHT)
+
+
+def copy_baseline(total: int) -> Callable[[], Any]:
+    """A copy moving the 12 bytes a parameter an update moves: 1.5 floats read, 1.5 written."""
+    n = total * 3 // 2
+    a = torch.ones(n, dtype=torch.float32, device=DEVICE)
+    b = torch.empty(n, dtype=torch.float32, device=DEVICE)
+    return lambda: b.copy_(a)
+
+
+def sync() -> Callable[[], Any] | None:
+    """What waits for the device's queued work (None on CPU, where calls return when done)."""
+    return torch.cuda.synchronize if DEVICE.type == "cuda" else None
 
 
 def released() -> None:
@@ -290,7 +318,8 @@ class Model(nn.Module):
         super().__init__()
         gen = torch.Generator().manual_seed(seed)
         self.params = nn.ParameterList(
-            nn.Parameter(torch.randn(shape, generator=gen, dtype=torch.float32)) for shape in shapes
+            nn.Parameter(torch.randn(shape, generator=gen, dtype=torch.float32).to(DEVICE))
+            for shape in shapes
         )
 
 
@@ -309,7 +338,23 @@ def quiet_stderr() -> Iterator[None]:
 
 
 def allocations(fn: Callable[[], Any], steps: int) -> tuple[float, float]:
-    """(bytes, count) of the torch CPU allocations of one ``fn()``, averaged over ``steps``."""
+    """(bytes, count) of the torch allocations of one ``fn()``, averaged over ``steps``.
+
+    On CPU from the profiler's memory records; on CUDA from the caching allocator's counters
+    (every allocation it served, freed or not).
+    """
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_stats(DEVICE)
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+        after = torch.cuda.memory_stats(DEVICE)
+        key_bytes, key_count = "allocated_bytes.all.allocated", "allocation.all.allocated"
+        return (
+            (after[key_bytes] - before[key_bytes]) / steps,
+            (after[key_count] - before[key_count]) / steps,
+        )
     with (
         quiet_stderr(),
         profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof,
@@ -353,6 +398,7 @@ def run_set(
             continue
         methods.append(Method(label, step, role=role))
     methods.append(Method(FLOOR, floor(total), role=BASELINE))
+    methods.append(Method(COPY, copy_baseline(total), role=BASELINE))
 
     with torch.no_grad():  # so that s - p is not zero; shadows were copied from the params
         for p in params:
@@ -360,7 +406,7 @@ def run_set(
     for m in methods:  # the first step (copies, for some peers), then the warm-up
         for _ in range(1 + WARMUP_STEPS):
             m.step()
-    measure(methods, repeat, random.Random(seed))  # all were warmed up already
+    measure(methods, repeat, random.Random(seed), sync=sync())  # all were warmed up already
     for m in methods:
         m.alloc_bytes, m.alloc_count = allocations(m.step, MEMORY_STEPS)
         m.step = released  # drop the closure: it holds this method's shadows
@@ -383,11 +429,13 @@ def header(
 ) -> list[str]:
     versions = ", ".join(f"{k} {v}" for k, v in package_versions().items())
     lines = [
-        "## emacore (torch backend, CPU) vs PyTorch EMA libraries: one update step "
+        f"## emacore (torch backend, {where()}) vs PyTorch EMA libraries: one update step "
         f"(float32, decay {DECAY})",
         "",
         f"- machine: {machine()}, torch {torch.__version__}, emacore {emacore.__version__}; "
         f"{versions}",
+        f"- device: {DEVICE}"
+        + (f" ({torch.cuda.get_device_name(DEVICE)})" if DEVICE.type == "cuda" else ""),
         f"- torch threads: {torch.get_num_threads()} intra-op, "
         f"{torch.get_num_interop_threads()} inter-op (defaults kept)",
         "- sets: "
@@ -397,8 +445,11 @@ def header(
         "- x peer: time / the fastest peer's time on that set (below 1: faster); "
         "x floor: time / the flat `lerp_` floor's",
         f"- GB/s: {BYTES_PER_PARAM} bytes x parameters / median time",
-        "- alloc/step: torch CPU allocations per step after the first (bytes in how many), "
-        f"from `torch.profiler` with `profile_memory=True` over {MEMORY_STEPS} steps",
+        "- alloc/step: torch allocations per step after the first (bytes in how many), over "
+        f"{MEMORY_STEPS} steps: on CPU from `torch.profiler` with `profile_memory=True`, on "
+        "CUDA from the caching allocator's counters",
+        "- x copy: the copy's time / the method's, that is the share of the copy bandwidth the "
+        "method reaches (both move 12 bytes a parameter)",
         f"- 1-minute load average before / after the run: {loads[0]} / {loads[1]} "
         f"(the machine has {os.cpu_count()} CPUs; above that, other processes competed)",
     ]
@@ -409,12 +460,13 @@ def header(
 
 def results_table(results: list[SetResult]) -> list[str]:
     lines = [
-        "| set | method | median ms | p25-p75 ms | x peer | x floor | GB/s | alloc/step |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| set | method | median ms | p25-p75 ms | x peer | x floor | x copy | GB/s | alloc/step |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         fastest = r.fastest_peer()
         floor_time = r.by_label()[FLOOR].median
+        copy_time = r.by_label()[COPY].median
         for m in r.methods:
             lo, hi = m.quartiles()
             peer = f"{m.median / fastest.median:.2f}" if fastest is not None else "-"
@@ -422,7 +474,8 @@ def results_table(results: list[SetResult]) -> list[str]:
             gbps = BYTES_PER_PARAM * r.params / m.median / 1e9
             lines.append(
                 f"| {r.name} | {label} | {fmt_ms(m.median)} | {fmt_ms(lo)}-{fmt_ms(hi)} | "
-                f"{peer} | {m.median / floor_time:.2f} | {gbps:.1f} | {fmt_alloc(m)} |"
+                f"{peer} | {m.median / floor_time:.2f} | {copy_time / m.median:.2f} | "
+                f"{gbps:.1f} | {fmt_alloc(m)} |"
             )
     lines += ["", "The fastest peer of each set is in bold."]
     return lines
@@ -462,9 +515,49 @@ def targets_table(results: list[SetResult]) -> list[str]:
     return lines
 
 
+def where() -> str:
+    return "CUDA" if DEVICE.type == "cuda" else "CPU"
+
+
+def copy_table(results: list[SetResult]) -> list[str]:
+    """On a GPU: the share of the copy bandwidth each emacore row reaches on the large sets."""
+    if DEVICE.type != "cuda":
+        return []
+    lines = [
+        "",
+        f"GPU aim: emacore at >= {COPY_TARGET:.0%} of the copy bandwidth measured in the same run "
+        "(the large sets; many small tensors are bound by launches, not bandwidth):",
+        "",
+        "| set | copy GB/s | `apply(model)` | `apply(list)` | `apply(model)`, flattened | "
+        "met (best row) |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for r in results:
+        if r.small:
+            continue
+        by_label = r.by_label()
+        copy_time = by_label[COPY].median
+        shares = [
+            copy_time / by_label[k].median for k in (EMACORE_MODULE, EMACORE_LIST, EMACORE_FLAT)
+        ]
+        cells = " | ".join(f"{x:.0%}" for x in shares)
+        gbps = BYTES_PER_PARAM * r.params / copy_time / 1e9
+        met = "yes" if max(shares) >= COPY_TARGET else "NO"
+        lines.append(f"| {r.name} | {gbps:.0f} | {cells} | {met} |")
+    return lines
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    global DEVICE
     shapes = load_sets()
-    args = parse_args(argv, (__doc__ or "").splitlines()[0], list(shapes), DEFAULT_REPEAT)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    known, rest = pre.parse_known_args(argv)
+    DEVICE = torch.device(known.device)
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        print(f"--device {known.device}: torch sees no CUDA device", file=sys.stderr)
+        return 2
+    args = parse_args(rest, (__doc__ or "").splitlines()[0], list(shapes), DEFAULT_REPEAT)
 
     load_before = load_average()
     skipped: dict[str, str] = {}
@@ -477,6 +570,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         *header(args.repeat, results, (load_before, load_average()), skipped),
         *results_table(results),
         *targets_table(results),
+        *copy_table(results),
     ]
     write_report(report, args.markdown)
     return 0
