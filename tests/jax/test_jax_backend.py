@@ -375,12 +375,14 @@ def test_pinned_host_offload_keeps_shadows_in_host_memory(exact: bool) -> None:
     start = {
         "w": rng.standard_normal((6, 4)).astype(np.float32),
         "big": rng.standard_normal(jax_backend.SMALL + 1).astype(np.float32),
+        "conv": rng.standard_normal((128, 64, 3, 3)).astype(np.float32),  # held raveled
     }
     steps = [{k: rng.standard_normal(v.shape).astype(np.float32) for k, v in start.items()}]
     steps.append({k: rng.standard_normal(v.shape).astype(np.float32) for k, v in start.items()})
     ema = emacore.EMA(0.75, device="pinned_host", exact=exact, zero_debias=True)
     ema.apply({k: jnp.asarray(v) for k, v in start.items()})
     (group,) = ema._groups.values()
+    assert group.state.shadow.plan.parts[0].raveled.count(True) == 1
     for step in steps:
         held = list(group.state.shadow.arrays)
         assert {a.sharding.memory_kind for a in held} == {"pinned_host"}
