@@ -13,20 +13,16 @@ already live in such buffers need nothing.
 
 Examples
 --------
-```py-torch
-import torch
-import emacore
-from emacore.integrations.flatten import flatten_parameters
-
-model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
-buffers = flatten_parameters(model)  # before the optimizer, DDP or torch.compile see it
-optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-ema = emacore.ExponentialMovingAverage(0.999)
-ema.apply(model)  # one lerp_ per step over the buffer, nothing gathered
-print(len(buffers), buffers[0].numel() >= sum(p.numel() for p in model.parameters()))
-```
-
-It prints ``1 True``.
+>>> import torch
+>>> import emacore
+>>> from emacore.integrations.flatten import flatten_parameters
+>>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+>>> buffers = flatten_parameters(model)  # before the optimizer, DDP or torch.compile see it
+>>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+>>> ema = emacore.ExponentialMovingAverage(0.999)
+>>> ema.apply(model)  # one lerp_ per step over the buffer, nothing gathered
+>>> len(buffers), buffers[0].numel() >= sum(p.numel() for p in model.parameters())
+(1, True)
 """
 
 from __future__ import annotations
