@@ -495,8 +495,8 @@ class JaxBackend(ArrayAPIBackend):
     --------
     >>> import jax.numpy as jnp
     >>> backend = JaxBackend()
-    >>> shadows = backend.create_shadows([jnp.zeros(2)], zeros=False)
-    >>> backend.update(shadows, [jnp.full(2, 5.0)], 0.9, inplace=True)
+    >>> shadows = backend.create_shadows([jnp.zeros(2, jnp.float32)], zeros=False)
+    >>> backend.update(shadows, [jnp.full(2, 5.0, jnp.float32)], 0.9, inplace=True)
     [Array([4.5, 4.5], dtype=float32)]
     """
 

@@ -11,10 +11,11 @@ Examples
 --------
 >>> import jax.numpy as jnp, optax
 >>> from emacore.integrations.optax import averages, ema_params
->>> params = {"w": jnp.zeros(2)}
+>>> params = {"w": jnp.zeros(2, jnp.float32)}
 >>> tx = optax.chain(optax.sgd(1.0), ema_params(0.5))
 >>> state = tx.init(params)
->>> updates, state = tx.update({"w": -jnp.ones(2)}, state, params)  # a step toward w = 1
+>>> grads = {"w": -jnp.ones(2, jnp.float32)}  # a step toward w = 1
+>>> updates, state = tx.update(grads, state, params)
 >>> params = optax.apply_updates(params, updates)
 >>> averages(state)["w"]
 Array([0.5, 0.5], dtype=float32)
