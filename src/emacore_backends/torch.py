@@ -271,23 +271,18 @@ def _plain(x: Any) -> bool:
     return type(x) in (torch.Tensor, torch.nn.Parameter) and x.layout == torch.strided
 
 
-def _tilings(
-    params: Sequence[Any], idx: list[int]
-) -> tuple[list[tuple[list[int], list[int], int]], list[int]]:
-    """Split ``idx`` into sets of tensors that tile one storage, and the rest.
+def _tilings(params: Sequence[Any], idx: list[int]) -> list[tuple[list[int], list[int], int]]:
+    """The sets of tensors among ``idx`` that tile one storage.
 
     Each set comes with where its tensors start in the span of storage they cover, and the
     span's length: two or more contiguous, non-overlapping pieces of one storage, with
     alignment padding between them (`PADDING`) or covering 7/8 of the span.
     """
     by_storage: dict[int, list[int]] = {}
-    rest: list[int] = []
     for i in idx:
         p = params[i]
         if _plain(p) and p.numel() and p.is_contiguous() and p.data_ptr():
             by_storage.setdefault(p.untyped_storage().data_ptr(), []).append(i)
-        else:
-            rest.append(i)
     tiles = []
     for members in by_storage.values():
         starts = [params[i].storage_offset() for i in members]
@@ -302,9 +297,7 @@ def _tilings(
         used = sum(params[i].numel() for i in members)
         if fits and (padded or 8 * used >= 7 * (end - base)):
             tiles.append((members, [st - base for st in starts], end - base))
-        else:
-            rest.extend(members)
-    return tiles, sorted(rest)
+    return tiles
 
 
 def _span(params: Sequence[Any], offsets: list[int], size: int) -> torch.Tensor | None:
@@ -341,7 +334,7 @@ def _arrange(like: Sequence[Any], params: Sequence[Any], limit: float, tile: boo
         tiles: list[tuple[list[int], list[int], int]] = []
         if tile:
             same = [i for i in idx if params[i].dtype == dtype and params[i].device == device]
-            tiles, _ = _tilings(params, same)
+            tiles = _tilings(params, same)
             tiled = {i for members, _, _ in tiles for i in members}
             idx = [i for i in idx if i not in tiled]
         for members, offsets, size in tiles:
@@ -357,7 +350,7 @@ def _arrange(like: Sequence[Any], params: Sequence[Any], limit: float, tile: boo
 def _allocate(
     groups: list[_Group], values: Sequence[Any], zeros: bool, keep: bool = False
 ) -> list[Any]:
-    """The shadows of ``groups``: views of their flat buffers, or tensors of their own.
+    """The shadows of ``groups``: aliases of their flat buffers, or tensors of their own.
 
     Makes the flat buffers; fills the shadows with ``values`` (or zeros). ``keep``: a large
     one that already is a tensor of its own (``values`` being the shadows) is returned as it
