@@ -39,6 +39,13 @@ def full(x: torch.Tensor) -> np.ndarray:
     return (x.full_tensor() if isinstance(x, DTensor) else x).detach().double().numpy()
 
 
+def done(out: str, what: str) -> None:
+    # a file per process: the processes share one stdout, where their prints interleave even
+    # within a line (CI once read "ok trainok train 1\n 0")
+    with open(os.path.join(out, f"ok {what}"), "w") as f:
+        f.write(what)
+
+
 def train(out: str) -> None:
     model = build()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -86,7 +93,7 @@ def train(out: str) -> None:
     emacore.save(ema, os.path.join(out, f"portable{dist.get_rank()}.safetensors"))
     if dist.get_rank() == 0:
         np.savez(os.path.join(out, "expected.npz"), **{k: v / (1 - prod) for k, v in ref.items()})
-    print("ok train", dist.get_rank())
+    done(out, f"train {dist.get_rank()}")
 
 
 def reload(out: str) -> None:
@@ -121,7 +128,7 @@ def reload(out: str) -> None:
             assert "leaf '0.weight': it is sharded as" in str(exc), exc  # noqa: PT017
         else:
             raise AssertionError("a shadow sharded on another mesh was loaded")
-    print("ok reload", dist.get_rank(), dist.get_world_size())
+    done(out, f"reload {dist.get_rank()} {dist.get_world_size()}")
 
 
 if __name__ == "__main__":
