@@ -270,3 +270,12 @@ def bench_jax(session: nox.Session) -> None:
     a flat floor, all jitted with the state donated; prints a markdown report."""
     session.install("-e", ".", "numpy>=1.26", *BACKEND_DEPS["jax"])
     session.run("python", "benchmarks/bench_jax.py", *session.posargs)
+
+
+@nox.session(python=PY)
+def bench_floor(session: nox.Session) -> None:
+    """Whether the benchmarks' floor is the machine's: torch's flat lerp_ beside a C OpenMP loop
+    (built with gcc at run time), timm and emacore on the large sets; prints a table."""
+    session.install("-e", ".", "numpy>=1.26", TORCH)
+    session.install("--no-deps", "timm==1.0.31")
+    session.run("python", "benchmarks/bench_floor.py", *session.posargs)
