@@ -5,9 +5,10 @@ Design invariants:
 * Updates run under ``torch.no_grad()``, in place, so shadows never join the autograd graph
   and no memory is allocated per step in the default mode.
 * Shadows are grouped by (device, dtype). In a group, the shadows of small tensors live in one
-  flat buffer: their parameters are gathered with one ``torch.cat`` (through 1-d views cached
-  while the parameters keep their storage) and updated with one ``lerp_``, so thousands of
-  small tensors cost one kernel, not thousands. Large tensors get one fused
+  flat buffer: their parameters are gathered with one ``torch.cat`` (1-d ones as they are,
+  the others through 1-d views cached while they keep their storage, shape and contiguity)
+  and updated with one ``lerp_``, so thousands of small tensors cost one kernel, not
+  thousands. Large tensors get one fused
   ``torch._foreach_lerp_`` per group.
 * Parameters that are pieces of one storage (`flatten_parameters`, Megatron-style buffers,
   FSDP1's ``use_orig_params``) get shadows laid out as they are, in one flat buffer: the update
@@ -26,7 +27,7 @@ import itertools
 import math
 import weakref
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import array_api_compat.torch as _xp
 import torch
@@ -64,10 +65,14 @@ class _Group:
         self.members = small + large
         self.flat: torch.Tensor | None = None  # the small shadows, contiguous
         self.scratch: torch.Tensor | None = None  # gathered parameters, made on first use
-        # 1-d views of the small parameters; for a tiled group, the one span they tile
-        self.views: list[torch.Tensor] | None = None
-        self.param_ids: list[int] = []
-        self.param_ptrs: list[int] = []
+        # 1-d views of the small parameters (None for a 1-d one: it is gathered as it is, and
+        # not held here, so that it may die); for a tiled group, the one span they tile
+        self.views: list[torch.Tensor | None] | None = None
+        # what the small parameters were when `views` were made (see `key`)
+        self.param_key: tuple[list[Any], ...] = ()
+        # positions (among the small) of the parameters read through a view made earlier,
+        # whose shapes and contiguity `key` compares; None: all of them
+        self.watch: list[int] | None = None
         self.small_is_all = small == list(range(len(small)))
         # a tiled group: where each small parameter starts in the span of storage they share
         # (their shadows sit at the same places in `flat`)
@@ -81,7 +86,7 @@ class _Group:
         # a copy (deepcopy, pickle) must not keep views of the parameters it was updated from:
         # their copies would pass for the live parameters (same ids and pointers) and freeze
         state = dict(self.__dict__)
-        state.update(views=None, param_ids=[], param_ptrs=[], scratch=None, missed=False)
+        state.update(views=None, param_key=(), watch=None, scratch=None, missed=False)
         return state
 
     def small_params(self, params: Sequence[Any]) -> Sequence[Any]:
@@ -89,20 +94,51 @@ class _Group:
             return params
         return [params[i] for i in self.small]
 
-    def cached_views(self, params: Sequence[Any]) -> list[torch.Tensor] | None:
-        """The cached views, if the small parameters are the same tensors on the same storage.
+    def key(self, small: Sequence[Any]) -> tuple[list[Any], ...]:
+        """What must be unchanged for the cached views to read the small parameters right.
 
-        Then nothing about them can have changed since they were checked: a tensor's dtype,
-        device and shape change only with its storage (``p.data = ...``). Notes whether they
-        changed since the last update (`missed`): only then may the layout need a look.
+        The ids and pointers of all of them, and the shapes and contiguity of those read
+        through a view made earlier (`watch`): a view reads its piece of storage in the
+        order of the parameter's shape and strides when it was made, and the same tensor on
+        the same storage may have been given others since (``p.data = p.data.t()``,
+        ``.view(...)``, ``.expand(...)``). Contiguous, with the same shape, it is read right.
+        A 1-d parameter of a gathered group is read as it is by ``torch.cat``, which sees its
+        strides afresh (a change of its length shows in the gathered size, `source`). A
+        device changes only with the storage; a dtype of another size, only with the shape.
+        """
+        watched = small if self.watch is None else [small[k] for k in self.watch]
+        return (
+            list(map(id, small)),
+            list(map(torch.Tensor.data_ptr, small)),
+            list(map(torch.Tensor.size, watched)),
+            list(map(torch.Tensor.is_contiguous, watched)),
+        )
+
+    def cached_views(self, params: Sequence[Any]) -> list[torch.Tensor] | None:
+        """What to gather (the cached views), if the small parameters are as they were then.
+
+        None if they changed, or nothing was cached. Notes whether they changed since the last
+        update (`missed`): only then may the layout need a look.
         """
         small = self.small_params(params)
-        ids, ptrs = list(map(id, small)), list(map(torch.Tensor.data_ptr, small))
-        self.missed = ids != self.param_ids or ptrs != self.param_ptrs
+        key = self.key(small)
+        self.missed = key != self.param_key
         if self.missed:
-            self.param_ids, self.param_ptrs = ids, ptrs
+            self.param_key = key
             self.views = None
-        return self.views
+        return None if self.views is None else self._inputs(self.views, small)
+
+    def _inputs(self, views: list[torch.Tensor | None], small: Sequence[Any]) -> list[torch.Tensor]:
+        """The views, with each 1-d parameter in its place."""
+        if self.watch is None or len(self.watch) == len(views):
+            return cast("list[torch.Tensor]", views)  # no None among them
+        if not self.watch:
+            return small if isinstance(small, list) else list(small)
+        return [p if v is None else v for v, p in zip(views, small)]
+
+    def forget(self) -> None:
+        """Drop the cached views (and the scratch a failed gather may have resized)."""
+        self.views, self.param_key, self.watch, self.scratch = None, (), None, None
 
     def gather_views(
         self, shadows: Sequence[Any], params: Sequence[Any]
@@ -115,17 +151,24 @@ class _Group:
         small = self.small_params(params)
         for i, p in zip(self.small, small):
             _check_pair(i, shadows[i], p, self)
+        made: list[torch.Tensor | None]
         if self.offsets is not None:
             assert self.flat is not None
             span = _span(small, self.offsets, self.flat.numel())
-            views = None if span is None else [span]
-            cacheable = span is not None
+            self.watch = None
+            if span is None:
+                self.param_key, self.views = self.key(small), None
+                return None
+            made, cacheable = [span], True
         else:
-            views = [p.detach().reshape(-1) for p in small]
+            # 1-d parameters are gathered as they are; the others through 1-d views
+            made = [None if p.dim() == 1 and _plain(p) else p.detach().reshape(-1) for p in small]
             # a non-contiguous parameter gives a copy, not a view: gather it afresh every step
-            cacheable = all(v.data_ptr() == p.data_ptr() for v, p in zip(views, small))
-        self.views = views if cacheable else None
-        return views
+            cacheable = all(v is None or v.data_ptr() == p.data_ptr() for v, p in zip(made, small))
+            self.watch = [k for k, v in enumerate(made) if v is not None]
+        self.param_key = self.key(small)
+        self.views = made if cacheable else None
+        return self._inputs(made, small)
 
     def source(self, views: list[torch.Tensor]) -> torch.Tensor:
         """The small parameters as one flat tensor: the span they tile, or gathered."""
@@ -134,7 +177,15 @@ class _Group:
         assert self.flat is not None
         if self.scratch is None:
             self.scratch = torch.empty_like(self.flat)
-        return torch.cat(views, out=self.scratch)
+        try:
+            out = torch.cat(views, out=self.scratch)
+        except UserWarning:  # the resize below, where warnings are errors
+            out = None
+        # a 1-d parameter's length changed in place: torch resized the scratch (and warned)
+        if out is None or out.shape != self.flat.shape:
+            self.forget()
+            raise _StaleViewsError
+        return out
 
     def update_flat(self, source: torch.Tensor, c: Any, exact: bool) -> None:
         """Move the flat buffer of shadows toward ``source`` (which may be the scratch)."""
@@ -146,6 +197,15 @@ class _Group:
             self.scratch = torch.empty_like(self.flat)
         torch.sub(self.flat, source, out=self.scratch)
         self.flat.sub_(self.scratch.mul_(c))
+
+
+# what `_prepare` returns for a group: the views to gather (None: nothing to gather), the
+# positions, shadows and parameters for the `_foreach` call, and whether their dtypes mix
+_Plan = tuple[list[torch.Tensor] | None, list[int], list[Any], list[Any], bool]
+
+
+class _StaleViewsError(Exception):
+    """A group's cached views no longer fit its parameters: check them again (`_gather`)."""
 
 
 class _Layout:
@@ -611,11 +671,43 @@ class TorchBackend(ArrayAPIBackend):
             ):
                 plans = [self._prepare(g, shadows, params) for g in layout.groups]
             if layout.side is not None:
-                self._run_on_side_stream(layout, plans, c, exact)
+                # the previous update must be done with the scratch buffers before we refill
+                # them (an optimizer step has usually waited for it already: then this is free)
+                layout.wait()
+            # every gather before the first write: a gather may find its views stale
+            plans, sources = self._gather(layout.groups, plans, shadows, params)
+            if layout.side is not None:
+                self._run_on_side_stream(layout, plans, sources, c, exact)
                 return shadows if isinstance(shadows, list) else list(shadows)
-            for group, plan in zip(layout.groups, plans):
-                self._run(group, plan, c, exact)
+            for group, source, (_, _, s_list, p_list, mixed) in zip(layout.groups, sources, plans):
+                if source is not None:
+                    group.update_flat(source, c, exact)
+                _foreach_update(s_list, p_list, c, exact, mixed)
         return shadows if isinstance(shadows, list) else list(shadows)
+
+    def _gather(
+        self,
+        groups: list[_Group],
+        plans: list[_Plan],
+        shadows: Sequence[Any],
+        params: Sequence[Any],
+    ) -> tuple[list[_Plan], list[torch.Tensor | None]]:
+        """Each group's small parameters as one flat tensor (None where it has none to gather).
+
+        A gather that finds a 1-d parameter's length changed in place (`_StaleViewsError`) has
+        dropped its views: the groups are checked again, which names the parameter.
+        """
+        try:
+            return plans, [
+                None if plan[0] is None else group.source(plan[0])
+                for group, plan in zip(groups, plans)
+            ]
+        except _StaleViewsError:
+            plans = [self._prepare(g, shadows, params) for g in groups]
+            return plans, [
+                None if plan[0] is None else group.source(plan[0])
+                for group, plan in zip(groups, plans)
+            ]
 
     def update_lanes(
         self,
@@ -661,11 +753,11 @@ class TorchBackend(ArrayAPIBackend):
                     self.update(sl, params, c, inplace=inplace, exact=exact)
                     for sl, c in zip(shadow_lists, cs)
                 ]
-            for gi, (group, plan) in enumerate(zip(first.groups, plans)):
-                views, members, _, p_list, mixed = plan
+            plans, sources = self._gather(first.groups, plans, shadow_lists[0], params)
+            for gi, (plan, gathered) in enumerate(zip(plans, sources)):
+                _, members, _, p_list, mixed = plan
                 lanes = [lay.groups[gi] for lay in layouts]  # type: ignore[union-attr]
-                if views is not None:
-                    gathered = group.source(views)
+                if gathered is not None:
                     # the first profile last: in exact mode its scratch (the gathered
                     # parameters, unless tiled) is its temporary
                     for lane, c in list(zip(lanes, cs))[::-1]:
@@ -687,9 +779,7 @@ class TorchBackend(ArrayAPIBackend):
         copied.seen = layout.seen  # laid out for the same parameters
         return out
 
-    def _prepare(
-        self, group: _Group, shadows: Sequence[Any], params: Sequence[Any]
-    ) -> tuple[list[torch.Tensor] | None, list[int], list[Any], list[Any], bool]:
+    def _prepare(self, group: _Group, shadows: Sequence[Any], params: Sequence[Any]) -> _Plan:
         """Check a group's parameters (raising before any write); return what to run.
 
         Returns the 1-d views of the small parameters to gather (None: nothing to gather),
@@ -709,40 +799,21 @@ class TorchBackend(ArrayAPIBackend):
             _check_pair(i, shadows[i], p, group)
         return views, members, s_list, p_list, any(p.dtype != group.dtype for p in p_list)
 
-    def _run(
-        self,
-        group: _Group,
-        plan: tuple[list[torch.Tensor] | None, list[int], list[Any], list[Any], bool],
-        c: Any,
-        exact: bool,
-    ) -> None:
-        views, _, s_list, p_list, mixed = plan
-        if views is not None:
-            group.update_flat(group.source(views), c, exact)
-        _foreach_update(s_list, p_list, c, exact, mixed)
-
     def _run_on_side_stream(
         self,
         layout: _Layout,
-        plans: list[tuple[list[torch.Tensor] | None, list[int], list[Any], list[Any], bool]],
+        plans: list[_Plan],
+        sources: list[torch.Tensor | None],
         c: Any,
         exact: bool,
     ) -> None:
         """Queue the update on the layout's side stream, after the work queued so far.
 
-        The small parameters are gathered on the current stream (a copy of little memory),
-        so only the large ones are read from the side stream, and kept alive for it.
+        The small parameters were gathered on the current stream (a copy of little memory,
+        after `_Layout.wait`), so only the large ones are read from the side stream, and kept
+        alive for it; a tiled group's span is read on the side stream, as large tensors are.
         """
-        device = layout.groups[0].device
-        # the previous update must be done with the scratch buffers before we refill them
-        # (an optimizer step has usually waited for it already: then this is free)
-        layout.wait()
-        current = STREAMS.current(device)
-        # gathers here; a tiled group's span is read on the side stream, as large tensors are
-        sources = [
-            None if views is None else group.source(views)
-            for group, (views, *_) in zip(layout.groups, plans)
-        ]
+        current = STREAMS.current(layout.groups[0].device)
         if exact:  # the temporaries, before the side stream runs
             for group, source in zip(layout.groups, sources):
                 if source is not None and group.scratch is None:

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 import emacore
+from emacore.integrations.flatten import flatten_parameters
 from emacore_backends import torch as torch_backend
 
 sys.path.insert(0, str(Path(__file__).parent))  # --import-mode=importlib: the shared helper
@@ -215,6 +216,79 @@ def test_packed_views_follow_a_parameter_whose_storage_changes() -> None:
     with pytest.raises(emacore.LeafMismatchError, match=r"shape \(5,\)"):
         ema.apply(params)
     for p, b in zip(params[:2], before):
+        torch.testing.assert_close(ema.average(p), b, rtol=0, atol=0)
+
+
+def _repointed_in_place(flatten: bool) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """Square (2-d) and 1-d small parameters; with ``flatten``, in one buffer (tiled)."""
+    torch.manual_seed(7)
+    mats = [nn.Parameter(torch.randn(4, 4)) for _ in range(2)]
+    vecs = [nn.Parameter(torch.randn(6)) for _ in range(2)]
+    if flatten:
+        flatten_parameters([*mats, *vecs])
+    return mats, vecs
+
+
+def _float64_ema(history: list[list[torch.Tensor]], decay: float) -> list[torch.Tensor]:
+    avg = [h.double().clone() for h in history[0]]
+    for values in history[1:]:
+        avg = [a * decay + (1 - decay) * v.double() for a, v in zip(avg, values)]
+    return avg
+
+
+@pytest.mark.parametrize("flatten", [False, True], ids=["gathered", "tiled"])
+@pytest.mark.parametrize("layout", ["auto", "flat"])
+def test_a_parameter_given_other_strides_on_its_storage_is_read_as_it_now_is(
+    flatten: bool, layout: str
+) -> None:
+    """``p.data = p.data.t()`` (or ``.expand``) keeps the tensor and its storage pointer: the
+    cached views of the packed path would read the storage in its old order."""
+    mats, vecs = _repointed_in_place(flatten)
+    params = [*mats, *vecs]
+    ema = emacore.EMA(0.5, layout=layout)
+    history = []
+    for step in range(4):
+        if step == 2:
+            mats[0].data = mats[0].data.t()  # same storage, same shape, other strides
+            vecs[1].data = vecs[1].data[:1].expand(6)  # same pointer, stride 0
+        with torch.no_grad():
+            for p in params:
+                if p.is_contiguous():
+                    p.mul_(1.5).add_(0.25)
+        history.append([p.detach().clone() for p in params])
+        ema.apply(params)
+    for p, want in zip(params, _float64_ema(history, 0.5)):
+        torch.testing.assert_close(ema.average(p).double(), want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("flatten", [False, True], ids=["gathered", "tiled"])
+@pytest.mark.parametrize("change", ["reshape", "shrink"])
+def test_a_parameter_reshaped_on_its_storage_is_refused_before_any_write(
+    flatten: bool, change: str
+) -> None:
+    """Another shape on the same storage pointer (``.view``, a slice at the same start) is a
+    shape mismatch, as with new storage: an error naming the leaf, and no shadow moved."""
+    mats, vecs = _repointed_in_place(flatten)
+    params = [*mats, *vecs]
+    ema = emacore.EMA(0.5)
+    ema.apply(params)
+    with torch.no_grad():
+        for p in params:
+            p.add_(1.0)
+    ema.apply(params)
+    before = [ema.average(p).clone() for p in params]
+    if change == "reshape":
+        mats[1].data = mats[1].data.view(2, 8)
+        match = r"leaf 'Variable_1': shape \(2, 8\)"
+    else:
+        vecs[0].data = vecs[0].data[:3]
+        match = r"leaf 'Variable_2': shape \(3,\)"
+    with torch.no_grad():
+        for p in params:
+            p.add_(1.0)
+    with pytest.raises(emacore.LeafMismatchError, match=match):
+        ema.apply(params)
+    for p, b in zip(params, before):
         torch.testing.assert_close(ema.average(p), b, rtol=0, atol=0)
 
 
