@@ -541,9 +541,10 @@ class ExponentialMovingAverage:
         )
         forced_names = [f"#{i}" for i in range(len(leaves))] if self._backend_name else []
         backends = _engine.resolve_backends(leaves, forced_names, self._backend_name)
-        if backends[0].is_traced(leaves[0]):
+        traced = _engine.first_traced(leaves, backends)
+        if traced is not None:
             raise TypeError(
-                f"apply() got a traced array ({type(leaves[0]).__qualname__}): the stateful "
+                f"apply() got a traced array ({type(leaves[traced]).__qualname__}): the stateful "
                 "EMA keeps concrete shadows between steps and cannot run inside jit/grad/scan. "
                 "Inside a traced function use emacore.functional.init/update/average, which "
                 "are pure"

@@ -137,7 +137,8 @@ def check_pairs(
             if b is not backend:
                 continue
             pd, sd = backend.device(params[i]), backend.device(shadows[i])
-            if pd != sd:
+            # None: not known (a tracer's placement is the traced function's caller's)
+            if pd != sd and pd is not None and sd is not None:
                 raise LeafMismatchError(
                     f"leaf {names[i]!r}: parameter is on device {pd!r} but its shadow is on "
                     f"{sd!r}; move the parameter back, or load the state onto {pd!r}"
@@ -277,6 +278,25 @@ def check_writable(
     for backend in dict.fromkeys(backends):
         idx = [i for i, b in enumerate(backends) if b is backend]
         backend.check_writable([shadows[i] for i in idx], [names[i] for i in idx])
+
+
+def first_traced(params: Sequence[Any], backends: Sequence[Backend]) -> int | None:
+    """The position of the first traced parameter (a JAX tracer), or None.
+
+    Every leaf is asked, not only the first: a function traced over some of the parameters
+    (``jit(lambda w: ema.apply({"b": b, "w": w}))``) passes concrete ones beside tracers.
+    Backends that inherit the portable ``is_traced`` (always False) are not asked.
+    """
+    from emacore._generic import ArrayAPIBackend
+
+    never = ArrayAPIBackend.is_traced
+    for backend in dict.fromkeys(backends):
+        if getattr(type(backend), "is_traced", None) is never:
+            continue
+        for i, (p, b) in enumerate(zip(params, backends)):
+            if b is backend and backend.is_traced(p):
+                return i
+    return None
 
 
 NONFINITE_POLICIES = ("ignore", "skip", "raise")

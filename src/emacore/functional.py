@@ -32,6 +32,7 @@ from emacore._engine import (
     check_pairs,
     check_writable,
     create_shadows,
+    first_traced,
     nonfinite_leaves,
     on_device,
     resolve_backends,
@@ -295,7 +296,7 @@ def _guard(
         raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {policy!r}")
     if policy == "ignore" or not params:
         return True
-    if backends[0].is_traced(params[0]):
+    if first_traced(params, backends) is not None:
         if policy == "raise":
             raise ValueError(
                 "nonfinite='raise' needs concrete values and these parameters are traced; "

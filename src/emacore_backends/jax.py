@@ -279,7 +279,8 @@ class _Packed(ShadowList):
 
     ``arrays`` are what the compiled updates read and donate: each part's flat buffers, then
     its large shadows. The per-leaf arrays the core reads (averages, state dicts) are sliced
-    from the buffers on first access and kept until the next update replaces this list.
+    from the buffers (large leaves: copied) on first access and kept until the next update
+    replaces this list, so that they stay valid after it donates ``arrays``.
     """
 
     views = False  # a leaf is sliced (copied) out of its buffer when read
@@ -321,7 +322,11 @@ class _Packed(ShadowList):
                     list.__setitem__(self, part.leaves[i], piece)
             for i, flat, a in zip(part.large, part.raveled, large):
                 if flat:
-                    a = a.reshape(part.specs[i][0])
+                    a = a.reshape(part.specs[i][0])  # a copy
+                elif not part.offloaded and not _is_tracer(a):
+                    # the next update donates `a`: what was read must outlive it, as the
+                    # leaves sliced out of a pack and the reshaped copies do
+                    a = jnp.copy(a)
                 list.__setitem__(self, part.leaves[i], a)
         self.fresh = True
 

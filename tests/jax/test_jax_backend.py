@@ -111,6 +111,52 @@ def test_tracers_are_refused_by_the_stateful_api() -> None:
         bad(_params())
 
 
+def test_a_tracer_beside_concrete_leaves_is_refused_and_changes_nothing() -> None:
+    """A function traced over some leaves passes concrete ones beside tracers: the tracer is
+    refused wherever it sits, not only in first place, and the EMA works on afterwards."""
+    ema = emacore.EMA(0.5)
+    b = jnp.zeros(2)
+    ema.apply({"b": b, "w": jnp.ones(3)})
+    with pytest.raises(TypeError, match=r"traced array .*use emacore.functional"):
+        jax.jit(lambda w: ema.apply({"b": b, "w": w}))(jnp.full(3, 3.0))
+    ema.apply({"b": b + 2.0, "w": jnp.full(3, 5.0)})
+    avg = ema.average({"b": b, "w": jnp.ones(3)})
+    np.testing.assert_array_equal(np.asarray(avg["b"]), np.full(2, 1.0, np.float32))
+    np.testing.assert_array_equal(np.asarray(avg["w"]), np.full(3, 3.0, np.float32))
+    # the functional guard asks every leaf too: a concrete first leaf does not hide a tracer
+    state = F.init({"b": b, "w": jnp.ones(3)})
+    with pytest.raises(ValueError, match="nonfinite='raise' needs concrete values"):
+        jax.jit(lambda w: F.update(state, {"b": b, "w": w}, 0.5, nonfinite="raise"))(jnp.ones(3))
+    # a concrete state closed over, traced parameters: a tracer's device is not known, and
+    # not compared with the shadow's
+    new = jax.jit(lambda w: F.update(state, {"b": b + 2.0, "w": w}, 0.5))(jnp.full(3, 5.0))
+    np.testing.assert_array_equal(np.asarray(F.average(new)["b"]), np.full(2, 1.0, np.float32))
+    np.testing.assert_array_equal(np.asarray(F.average(new)["w"]), np.full(3, 3.0, np.float32))
+
+
+@pytest.mark.parametrize("layout", ["auto", "separate", "flat"])
+def test_averages_and_state_dicts_read_before_an_update_outlive_its_donation(
+    layout: str,
+) -> None:
+    """The update donates the shadows it replaces: what a read handed out (averages, a state
+    dict) must not be those buffers, whatever the leaf's layout (packed, raveled, 1-d large,
+    separate)."""
+    start = {"big": np.arange(70_000.0), "mat": np.ones((300, 300)), "small": np.ones(3)}
+    params = {k: jnp.asarray(v, jnp.float32) for k, v in start.items()}
+    ema = emacore.EMA(0.5, layout=layout)
+    ema.apply(params)
+    (group,) = ema._groups.values()
+    held = list(group.state.shadow.arrays)
+    averages, saved = ema.average(params), ema.state_dict()
+    ema.apply({k: v + 2.0 for k, v in params.items()})
+    assert all(a.is_deleted() for a in held)  # donated: the update kept no second copy
+    for name, want in start.items():
+        np.testing.assert_array_equal(np.asarray(averages[name]), want.astype(np.float32))
+        got = saved["leaves"][name]["shadow"]
+        np.testing.assert_array_equal(np.asarray(got), want.astype(np.float32))
+    np.testing.assert_array_equal(np.asarray(ema.average(params)["big"]), start["big"] + 1.0)
+
+
 def test_bfloat16_parameters_get_float32_shadows() -> None:
     params = {"w": jnp.ones(8, jnp.bfloat16)}
     ema = emacore.EMA(0.999)
