@@ -36,6 +36,7 @@ from emacore.errors import (
     EMAError,
     EMAWarning,
     ImmutableArrayError,
+    LeafMismatchError,
     NonFiniteError,
     StateDictError,
     StructureError,
@@ -1281,7 +1282,9 @@ class ExponentialMovingAverage:
     def _live_pairs(self, var_list: Any) -> list[tuple[Any, Any, Backend]]:
         """(live array, its average, backend) for every tracked leaf of ``var_list``.
 
-        Checks, before anything is written, that every live array can be written in place.
+        Checks, before anything is written, that every live array can be written in place:
+        a mutable backend, the average's shape, and the backend's own ``check_assignable``
+        (numpy: not read-only; torch: no element aliasing another) where it has one.
         """
         kind, names, leaves, treedef = self._lookup(var_list)
         if kind == "leaf":
@@ -1300,7 +1303,17 @@ class ExponentialMovingAverage:
                     "copy_to/swapped/store/restore cannot write into them; use "
                     "ema.average(params) and pass the averages on instead"
                 )
+            if tuple(live.shape) != tuple(avg.shape):  # a write would fail, or broadcast
+                raise LeafMismatchError(
+                    f"leaf {nm!r}: the array has shape {tuple(live.shape)}, its average "
+                    f"{tuple(avg.shape)}; nothing was written"
+                )
             pairs.append((live, avg, backend))
+        for backend in dict.fromkeys(backends):
+            check = getattr(backend, "check_assignable", None)
+            if check is not None:
+                mine = [i for i, b in enumerate(backends) if b is backend]
+                check([leaves[i] for i in mine], [names[i] for i in mine])
         return pairs
 
     def copy_to(self, var_list: Any) -> None:

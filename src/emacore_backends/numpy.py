@@ -167,6 +167,15 @@ class NumpyBackend(ArrayAPIBackend):
                     "place. Load the state with a writable copy, or use inplace=False"
                 )
 
+    def check_assignable(self, arrays: Sequence[Any], names: Sequence[str]) -> None:
+        """Raise ReadOnlyError naming the first array averages cannot be written into."""
+        for name, a in zip(names, arrays):
+            if not a.flags.writeable:
+                raise ReadOnlyError(
+                    f"leaf {name!r}: the array is read-only (writeable=False), so the "
+                    "averages cannot be written into it; nothing was written"
+                )
+
     def to_host(self, x: Any) -> Any:
         """Return ``x``: numpy arrays are already on the host."""
         return x

@@ -35,6 +35,7 @@ import torch
 from emacore._generic import ArrayAPIBackend
 from emacore._pytree import ShadowList
 from emacore.backend import Capabilities
+from emacore.errors import ReadOnlyError
 
 __all__ = ["BACKEND", "TorchBackend"]
 
@@ -900,6 +901,28 @@ class TorchBackend(ArrayAPIBackend):
 
     def check_writable(self, shadows: Sequence[Any], names: Sequence[str]) -> None:
         """Shadows are ours and plain tensors: always writable."""
+
+    def check_assignable(self, tensors: Sequence[Any], names: Sequence[str]) -> None:
+        """Raise ReadOnlyError naming the first tensor the averages cannot be written into.
+
+        That is one whose elements alias each other (an ``expand``-ed view), or an inference
+        tensor outside inference mode.
+        """
+        for name, t in zip(names, tensors):
+            local = _local(t)
+            if local.is_inference() and not torch.is_inference_mode_enabled():
+                raise ReadOnlyError(
+                    f"leaf {name!r}: an inference tensor (made under torch.inference_mode) "
+                    "cannot be written outside inference mode; nothing was written"
+                )
+            # 1: some elements share memory (0: none, 2: too costly to tell; torch's copy_
+            # refuses the first only)
+            if _plain(local) and torch._debug_has_internal_overlap(local) == 1:
+                raise ReadOnlyError(
+                    f"leaf {name!r}: elements of the tensor share memory (an expanded view, "
+                    f"strides {tuple(local.stride())}), so the averages cannot be written "
+                    "into it; nothing was written"
+                )
 
     def to_host(self, x: Any) -> Any:
         """Return a detached CPU tensor numpy can read.

@@ -77,6 +77,36 @@ def test_store_restore(lib: Any) -> None:
         ema.restore()
 
 
+def _write(ema: emacore.EMA, how: str, live: Any) -> None:
+    if how == "copy_to":
+        ema.copy_to(live)
+    elif how == "store":
+        ema.store(live)
+    else:
+        with ema.swapped(live):
+            pass
+
+
+@pytest.mark.parametrize("wrong", ["w", "b"])
+@pytest.mark.parametrize("how", ["copy_to", "swapped", "store"])
+def test_a_leaf_of_another_shape_is_refused_before_anything_is_written(
+    lib: Any, wrong: str, how: str
+) -> None:
+    """Whichever leaf is written first, a later one that cannot take its average (another
+    shape; a copy would fail halfway, or broadcast) is refused first, naming it."""
+    ema, params = _trained(lib)
+    if _refused_for_immutable(lib, ema, params):
+        return
+    live = dict(params)
+    live[wrong] = lib.make(np.full(4, 7.0))
+    with pytest.raises(emacore.LeafMismatchError, match=f"leaf '{wrong}': the array has shape"):
+        _write(ema, how, live)
+    np.testing.assert_array_equal(lib.read(live["w"]), np.full(3, 4.0) if wrong == "b" else 7.0)
+    np.testing.assert_array_equal(lib.read(live["b"]), np.full(2, 2.0) if wrong == "w" else 7.0)
+    with pytest.raises(emacore.EMAError, match="without a matching store"):
+        ema.restore()  # a refused store saved nothing
+
+
 def test_copy_to_untracked_container_changes_nothing(lib: Any) -> None:
     ema, params = _trained(lib)
     other = {"w": params["w"], "new": lib.make(np.zeros(1))}

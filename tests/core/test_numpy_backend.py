@@ -107,6 +107,19 @@ def test_read_only_shadow_is_refused_and_nothing_changes() -> None:
     np.testing.assert_array_equal(out.shadow["v"], [0.5, 0.5])
 
 
+def test_copy_to_a_read_only_array_is_refused_before_anything_is_written() -> None:
+    params = {"a": np.zeros(3), "z": np.zeros(2)}
+    ema = emacore.EMA(0.5)
+    ema.apply(params)
+    params["a"][...] = 4.0
+    params["z"][...] = 2.0
+    ema.apply(params)
+    params["z"].flags.writeable = False
+    with pytest.raises(emacore.ReadOnlyError, match="leaf 'z': the array is read-only"):
+        ema.copy_to(params)
+    np.testing.assert_array_equal(params["a"], np.full(3, 4.0))  # not written either
+
+
 def test_functional_not_inplace_leaves_packed_state_untouched() -> None:
     params = [np.zeros(10, np.float32), np.zeros(3, np.float32)]
     state = F.init(params)

@@ -292,6 +292,30 @@ def test_a_parameter_reshaped_on_its_storage_is_refused_before_any_write(
         torch.testing.assert_close(ema.average(p), b, rtol=0, atol=0)
 
 
+def test_copy_to_a_tensor_whose_elements_alias_is_refused_before_anything_is_written() -> None:
+    """A parameter that is an expanded view cannot take an average in place (torch's copy_
+    refuses it): refused naming it, before the parameters written first are touched."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    ema = emacore.EMA(0.5)
+    ema.apply(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.apply(model)
+    live = {name: p.detach().clone() for name, p in model.named_parameters()}
+    model[1].bias.data = torch.tensor([7.0]).expand(2)
+    with pytest.raises(emacore.ReadOnlyError, match=r"leaf '1.bias': elements of the tensor"):
+        ema.copy_to(model)
+    for name, p in model.named_parameters():
+        if name != "1.bias":
+            torch.testing.assert_close(p.detach(), live[name], rtol=0, atol=0)
+    with pytest.raises(emacore.ReadOnlyError, match=r"leaf '1.bias'"), ema.swapped(model):
+        pass
+    for name, p in model.named_parameters():
+        if name != "1.bias":
+            torch.testing.assert_close(p.detach(), live[name], rtol=0, atol=0)
+
+
 def test_layouts_agree() -> None:
     torch.manual_seed(4)
     params = [torch.randn(n) for n in (5, 70_000, 17, 3)]
