@@ -126,7 +126,10 @@ class Backend(Protocol):
     def assign(self, dst: Any, src: Any) -> None:
         """Write ``src`` into the array ``dst`` in place (for ``copy_to``, ``swapped``, copies).
 
-        Raises `emacore.errors.EMAError` naming the backend where arrays are immutable.
+        Raises `emacore.errors.EMAError` naming the backend where arrays are immutable. A
+        backend may also define ``check_assignable(arrays, names)``: the core calls it with
+        every array it is about to write, before writing any, so that it can raise
+        `emacore.errors.ReadOnlyError` naming one ``assign`` would fail on.
         """
         ...
 
