@@ -171,18 +171,24 @@ class _Group:
         self.views = made if cacheable else None
         return self._inputs(made, small)
 
-    def source(self, views: list[torch.Tensor]) -> torch.Tensor:
-        """The small parameters as one flat tensor: the span they tile, or gathered."""
+    def source(self, views: list[torch.Tensor], checked: bool) -> torch.Tensor:
+        """The small parameters as one flat tensor: the span they tile, or gathered.
+
+        Unless the views were ``checked`` against the shadows just now, a gather that fails
+        raises `_StaleViewsError`: a 1-d parameter got another length (torch then resizes
+        the scratch, and warns) or another number of dimensions in place.
+        """
         if self.offsets is not None:
             return views[0]
         assert self.flat is not None
         if self.scratch is None:
             self.scratch = torch.empty_like(self.flat)
+        if checked:
+            return torch.cat(views, out=self.scratch)
         try:
             out = torch.cat(views, out=self.scratch)
-        except UserWarning:  # the resize below, where warnings are errors
+        except (RuntimeError, UserWarning):  # UserWarning: the resize, where it is an error
             out = None
-        # a 1-d parameter's length changed in place: torch resized the scratch (and warned)
         if out is None or out.shape != self.flat.shape:
             self.forget()
             raise _StaleViewsError
@@ -695,18 +701,18 @@ class TorchBackend(ArrayAPIBackend):
     ) -> tuple[list[_Plan], list[torch.Tensor | None]]:
         """Each group's small parameters as one flat tensor (None where it has none to gather).
 
-        A gather that finds a 1-d parameter's length changed in place (`_StaleViewsError`) has
-        dropped its views: the groups are checked again, which names the parameter.
+        A gather that finds a 1-d parameter changed in place (`_StaleViewsError`) has dropped
+        its views: the groups are checked again, which names the parameter.
         """
         try:
             return plans, [
-                None if plan[0] is None else group.source(plan[0])
+                None if plan[0] is None else group.source(plan[0], checked=False)
                 for group, plan in zip(groups, plans)
             ]
         except _StaleViewsError:
             plans = [self._prepare(g, shadows, params) for g in groups]
             return plans, [
-                None if plan[0] is None else group.source(plan[0])
+                None if plan[0] is None else group.source(plan[0], checked=True)
                 for group, plan in zip(groups, plans)
             ]
 

@@ -262,7 +262,7 @@ def test_a_parameter_given_other_strides_on_its_storage_is_read_as_it_now_is(
 
 
 @pytest.mark.parametrize("flatten", [False, True], ids=["gathered", "tiled"])
-@pytest.mark.parametrize("change", ["reshape", "shrink"])
+@pytest.mark.parametrize("change", ["reshape", "shrink", "1-d to 2-d"])
 def test_a_parameter_reshaped_on_its_storage_is_refused_before_any_write(
     flatten: bool, change: str
 ) -> None:
@@ -280,9 +280,12 @@ def test_a_parameter_reshaped_on_its_storage_is_refused_before_any_write(
     if change == "reshape":
         mats[1].data = mats[1].data.view(2, 8)
         match = r"leaf 'Variable_1': shape \(2, 8\)"
-    else:
+    elif change == "shrink":
         vecs[0].data = vecs[0].data[:3]
         match = r"leaf 'Variable_2': shape \(3,\)"
+    else:
+        vecs[0].data = vecs[0].data.view(2, 3)
+        match = r"leaf 'Variable_2': shape \(2, 3\)"
     with torch.no_grad():
         for p in params:
             p.add_(1.0)
