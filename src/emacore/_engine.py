@@ -281,21 +281,24 @@ def check_writable(
 
 
 def first_traced(params: Sequence[Any], backends: Sequence[Backend]) -> int | None:
-    """The position of the first traced parameter (a JAX tracer), or None.
+    """The position of a traced parameter (a JAX tracer; the first of its type), or None.
 
     Every leaf is asked, not only the first: a function traced over some of the parameters
     (``jit(lambda w: ema.apply({"b": b, "w": w}))``) passes concrete ones beside tracers.
-    Backends that inherit the portable ``is_traced`` (always False) are not asked.
+    Whether an array is traced follows from its type (a tracer is one of the framework's
+    tracer classes), so one leaf of each type is asked; backends that inherit the portable
+    ``is_traced`` (always False) are not asked at all.
     """
     from emacore._generic import ArrayAPIBackend
 
     never = ArrayAPIBackend.is_traced
-    for backend in dict.fromkeys(backends):
-        if getattr(type(backend), "is_traced", None) is never:
-            continue
-        for i, (p, b) in enumerate(zip(params, backends)):
-            if b is backend and backend.is_traced(p):
-                return i
+    if all(getattr(type(b), "is_traced", None) is never for b in dict.fromkeys(backends)):
+        return None
+    types = list(map(type, params))
+    for kind in dict.fromkeys(types):
+        i = types.index(kind)
+        if backends[i].is_traced(params[i]):
+            return i
     return None
 
 
