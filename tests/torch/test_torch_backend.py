@@ -319,6 +319,17 @@ def test_copy_to_a_tensor_whose_elements_alias_is_refused_before_anything_is_wri
             torch.testing.assert_close(p.detach(), live[name], rtol=0, atol=0)
 
 
+def test_copy_to_inference_tensors_is_refused_outside_inference_mode() -> None:
+    with torch.inference_mode():
+        model = nn.Linear(3, 2)  # its parameters are inference tensors
+    ema = emacore.EMA(0.5)
+    ema.apply(model)
+    with pytest.raises(emacore.ReadOnlyError, match=r"leaf '(weight|bias)': an inference tensor"):
+        ema.copy_to(model)
+    with torch.inference_mode():
+        ema.copy_to(model)  # allowed there, as torch allows the write
+
+
 def test_layouts_agree() -> None:
     torch.manual_seed(4)
     params = [torch.randn(n) for n in (5, 70_000, 17, 3)]
