@@ -664,14 +664,20 @@ class TorchBackend(ArrayAPIBackend):
         if shadows and (_is_dtensor(shadows[0]) or _is_dtensor(params[0])):
             return self._update_distributed(shadows, params, c, inplace, exact)
         with torch.no_grad():
+            if torch.compiler.is_compiling():
+                # plain clones: a copied layout re-points tensors (set_), which dynamo refuses
+                if not inplace:
+                    shadows = [s.clone() for s in shadows]
+                layout = getattr(shadows, "backend_data", None)
+                if not isinstance(layout, _Layout) or layout.size != len(shadows):
+                    layout = _Layout.loose(shadows)
+                self._traced(layout, shadows, params, c, exact)
+                return shadows if isinstance(shadows, list) else list(shadows)
             if not inplace:
                 shadows = self._copy(shadows)
             layout = getattr(shadows, "backend_data", None)
             if not isinstance(layout, _Layout) or layout.size != len(shadows):
                 layout = _Layout.loose(shadows)
-            if torch.compiler.is_compiling():
-                self._traced(layout, shadows, params, c, exact)
-                return shadows if isinstance(shadows, list) else list(shadows)
             plans = [self._prepare(g, shadows, params) for g in layout.groups]
             if (layout.seen is None or any(g.missed for g in layout.groups)) and self._settle(
                 layout, shadows, params
@@ -885,7 +891,10 @@ class TorchBackend(ArrayAPIBackend):
         for group in layout.groups:
             s_list = [shadows[i] for i in group.members]
             p_list = [params[i] for i in group.members]
-            _foreach_update(s_list, p_list, c, exact, any(p.dtype != group.dtype for p in p_list))
+            mixed = any(p.dtype != group.dtype for p in p_list)
+            # mixed dtypes: the reference order, whose multiply takes a traced ``c`` (the fused
+            # form passes it as ``alpha``, a Python number: a guard on data under dynamo)
+            _foreach_update(s_list, p_list, c, exact or mixed, mixed)
 
     def all_finite(self, params: Sequence[Any]) -> list[bool]:
         """Whether each tensor is finite: one fused max-norm per device, one transfer.

@@ -463,6 +463,37 @@ def test_functional_update_inside_torch_compile_without_graph_breaks() -> None:
         torch.testing.assert_close(got[k], want[k], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_default_functional_update_compiles_without_graph_breaks(dtype: torch.dtype) -> None:
+    """The defaults: ``inplace=False`` (a copy of packed shadows) and, for bfloat16
+    parameters, float32 shadows (mixed dtypes); the numbers are the eager update's."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    params = {"w": torch.randn(3, 4, dtype=dtype), "b": torch.randn(5, dtype=dtype)}
+    state = emacore.functional.init(params, traceable=True)
+    eager = emacore.functional.init(params, traceable=True)
+    ramp = emacore.schedules.TFRamp(0.99)
+    step = torch.compile(
+        lambda st, p: emacore.functional.update(st, p, ramp), fullgraph=True, backend="aot_eager"
+    )
+    graphs = []
+    for k in range(6):
+        params = {n: v + (k + 1) * 0.5 for n, v in params.items()}
+        state = step(state, params)
+        eager = emacore.functional.update(eager, params, ramp)
+        graphs.append(counters["stats"]["unique_graphs"])
+    # the first state holds init's packed shadows, later ones the update's: two graphs at most,
+    # then none more (fullgraph=True: no graph break anywhere)
+    assert graphs[1] <= 2 and graphs[-1] == graphs[1], graphs
+    got, want = emacore.functional.average(state), emacore.functional.average(eager)
+    for n in got:
+        assert got[n].dtype == torch.float32
+        torch.testing.assert_close(got[n], want[n], rtol=1e-6, atol=1e-6)
+
+
 def test_module_parameter_set_change_and_second_module_are_refused() -> None:
     model = _model()
     ema = emacore.EMA(0.5)
