@@ -133,7 +133,10 @@ def init(
         if not leaves:
             raise ValueError("traceable=True needs at least one leaf to place its counters")
         first = shadows.first() if isinstance(shadows, _pytree.ShadowList) else shadows[0]
-        xp, where = backends[0].namespace(first), backends[0].device(first)
+        # a backend may place 0-d counters apart from a leaf (jax: replicated over its mesh;
+        # a scalar cannot take a sharded leaf's partitioning)
+        place = getattr(backends[0], "scalar_device", backends[0].device)
+        xp, where = backends[0].namespace(first), place(first)
         wide = xp.float64 if _has_float64(xp) else xp.float32
         counters = {
             "count": xp.asarray(0, dtype=_default_int(xp), device=where),

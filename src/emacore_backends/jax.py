@@ -530,6 +530,17 @@ class JaxBackend(ArrayAPIBackend):
         """Return the array's sharding (None for a tracer, whose placement is the caller's)."""
         return None if _is_tracer(x) else x.sharding
 
+    def scalar_device(self, x: Any) -> Any:
+        """Where a 0-d array that goes with ``x`` lives: on the same devices, replicated."""
+        sharding = self.device(x)
+        if sharding is None or len(sharding.device_set) == 1:
+            return sharding
+        if isinstance(sharding, jax.sharding.NamedSharding):
+            return jax.sharding.NamedSharding(
+                sharding.mesh, jax.sharding.PartitionSpec(), memory_kind=sharding.memory_kind
+            )
+        return None  # another kind of sharding: uncommitted, jit places it
+
     def is_floating(self, x: Any) -> bool:
         """Return True for floating dtypes (bfloat16 and float16 included)."""
         return bool(jnp.issubdtype(x.dtype, jnp.floating))

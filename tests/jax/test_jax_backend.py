@@ -200,6 +200,19 @@ def test_shardings_are_kept_and_the_update_has_no_collective() -> None:
         (shadow,) = group.state.shadow.arrays
         assert shadow.sharding == sharding.with_memory_kind("pinned_host"), shadow.sharding
         np.testing.assert_allclose(np.asarray(off.average({"w": w})["w"]), np.asarray(w) + 1.0)
+        # a traceable functional state (what ema_params keeps in an optax chain) over sharded
+        # leaves: its 0-d counters are replicated over the mesh, the shadows keep the sharding
+        import optax
+        from emacore import functional as F
+        from emacore.integrations.optax import averages, ema_params
+        state = F.init({"w": w}, traceable=True, zero_debias=True)
+        assert state.count.sharding == NamedSharding(mesh, P()), state.count.sharding
+        tx = optax.chain(optax.sgd(0.0), ema_params(0.5))
+        opt = tx.init({"w": w})
+        _, opt = jax.jit(tx.update)({"w": jnp.zeros((8, 8))}, opt, {"w": w + 2.0})
+        avg = averages(opt)["w"]
+        assert avg.sharding == sharding, avg.sharding
+        np.testing.assert_allclose(np.asarray(avg), np.asarray(w) + 1.0)
         print("ok", len(jax.devices()))
         """
     )
