@@ -505,6 +505,10 @@ class ExponentialMovingAverage:
             self._apply(var_list)
         except _Skipped:
             pass  # nonfinite="skip": nothing changed, and that was counted
+        except BaseException:
+            if self._every > 1:
+                self._calls -= 1  # refused: the retry is this update, not the next call
+            raise
         finally:
             self._dt = None
 
@@ -1006,10 +1010,13 @@ class ExponentialMovingAverage:
         pending: dict[int, str],
     ) -> list[str]:
         names = list(names)
+        fresh = new_idx
+        lanes = self._new_lanes([leaves[i] for i in fresh], [backends[i] for i in fresh])
+        # the shadows exist: only now is anything recorded (a creation that raises, say for
+        # a shadow_dtype or device the leaves cannot have, leaves the EMA as it was)
         for i, nm in pending.items():
             self._pending.remove(nm)
             self._bind_identity(nm, leaves[i])
-        fresh = new_idx
         if not fresh:
             return names
         mutable_new = [
@@ -1039,16 +1046,21 @@ class ExponentialMovingAverage:
                 self._kinds[names[i]] = _NAME
             if names[i] not in self._copies:  # a promoted copy keeps its place
                 self._order.append(names[i])
-        fresh_leaves = [leaves[i] for i in fresh]
-        fresh_backends = [backends[i] for i in fresh]
-        dtypes = _engine.shadow_dtypes(
-            fresh_leaves, fresh_backends, self._shadow_dtype, self._compat
-        )
-        lanes = [
+        fresh_names = tuple(names[i] for i in fresh)
+        group = _Group(fresh_names, lanes[0], [backends[i] for i in fresh], lanes[1:])
+        self._add_group(group)
+        return names
+
+    def _new_lanes(self, leaves: list[Any], backends: list[Backend]) -> list[EMAState]:
+        """A state with new shadows of ``leaves`` for each decay profile (none: no leaves)."""
+        if not leaves:
+            return []
+        dtypes = _engine.shadow_dtypes(leaves, backends, self._shadow_dtype, self._compat)
+        return [
             EMAState(
                 _engine.create_shadows(
-                    fresh_leaves,
-                    fresh_backends,
+                    leaves,
+                    backends,
                     zeros=self._zero_debias,
                     dtypes=dtypes,
                     layout=self._layout,
@@ -1059,10 +1071,6 @@ class ExponentialMovingAverage:
             )
             for _ in self._schedules
         ]
-        fresh_names = tuple(names[i] for i in fresh)
-        group = _Group(fresh_names, lanes[0], [backends[i] for i in fresh], lanes[1:])
-        self._add_group(group)
-        return names
 
     def _auto_name(self) -> str:
         while True:

@@ -143,3 +143,32 @@ def test_bad_num_updates() -> None:
         ema.apply([np.zeros(1)])
     with pytest.raises(ValueError, match="compat"):
         emacore.EMA(0.9, compat="tf")
+
+
+@pytest.mark.parametrize("tracked_by", ["name", "identity"])
+def test_a_shadow_that_cannot_be_made_records_nothing(lib: Any, tracked_by: str) -> None:
+    """A float32 shadow of a float64 leaf is refused when the shadows are made: the EMA must
+    be left as it was (no name recorded without a shadow), and work on with valid leaves."""
+    ema = emacore.EMA(0.5, shadow_dtype="float32")
+    w = lib.make(np.ones(3, np.float64))
+    params: Any = {"w": w} if tracked_by == "name" else [w]
+    with pytest.raises(emacore.LeafDTypeError):
+        ema.apply(params)
+    assert ema.state_dict()["leaves"] == {}
+    with pytest.raises(emacore.LeafDTypeError):  # the same error again, not a stale record
+        ema.apply(params)
+    assert ema.state_dict()["leaves"] == {}
+    h = lib.make(np.ones(3, np.float32))
+    ema.apply({"h": h})
+    np.testing.assert_array_equal(lib.read(ema.average({"h": h})["h"]), np.ones(3, np.float32))
+
+
+def test_a_refused_apply_does_not_use_up_an_update_every_call(lib: Any) -> None:
+    ema = emacore.EMA(0.5, update_every=2)
+    ema.apply({"w": lib.make(np.zeros(2))})  # call 1: updates (creates the shadow)
+    ema.apply({"w": lib.make(np.ones(2))})  # call 2: skipped
+    with pytest.raises(emacore.LeafMismatchError):
+        ema.apply({"w": lib.make(np.ones(3))})  # call 3 would update: refused
+    ema.apply({"w": lib.make(np.full(2, 4.0))})  # so this is call 3, and updates (dt = 2)
+    got = lib.read(ema.average({"w": lib.make(np.zeros(2))})["w"])
+    np.testing.assert_allclose(got, np.full(2, 4.0 * (1 - 0.5**2)), rtol=1e-6)
