@@ -187,6 +187,23 @@ class _Skipped(Exception):  # noqa: N818 (control flow, not an error)
     """Internal: ``nonfinite="skip"`` abandons this apply before anything changed."""
 
 
+def _check_loaded(name: str, what: str, loaded: Any, current: Any) -> None:
+    """Raise StateDictError unless a loaded array has the shape and dtype it replaces.
+
+    Else every later apply would be refused, or a copy would change its type.
+    """
+    if tuple(loaded.shape) != tuple(current.shape):
+        raise StateDictError(
+            f"leaf {name!r}: state dict {what} shape {tuple(loaded.shape)} does not match the "
+            f"tracked one's {tuple(current.shape)}"
+        )
+    got, want = (str(a.dtype).rsplit(".", 1)[-1] for a in (loaded, current))
+    if got != want:
+        raise StateDictError(
+            f"leaf {name!r}: state dict {what} dtype {got} does not match the tracked one's {want}"
+        )
+
+
 class ExponentialMovingAverage:
     """Maintain moving averages of variables with exponential decay, as TensorFlow does.
 
@@ -1511,13 +1528,24 @@ class ExponentialMovingAverage:
                 f"unexpected {unexpected[:10]}"
             )
         for nm, rec in leaves.items():
+            if nm in self._copies:
+                raise StateDictError(
+                    f"leaf {nm!r} is copied here (a buffer or frozen parameter) but averaged "
+                    "in the state dict; load it into an EMA with the same buffers/frozen policy"
+                )
             if nm in current:
                 shadow, _ = self._shadow_of(nm)
-                if tuple(shadow.shape) != tuple(rec["shadow"].shape):
-                    raise StateDictError(
-                        f"leaf {nm!r}: state dict shape {tuple(rec['shadow'].shape)} does not "
-                        f"match the tracked shadow's {tuple(shadow.shape)}"
-                    )
+                _check_loaded(nm, "shadow", rec["shadow"], shadow)
+                for k, prof in enumerate(rec["profiles"]):
+                    _check_loaded(nm, f"profile {k + 1} shadow", prof["shadow"], shadow)
+        for nm, arr in loaded_copies.items():
+            if nm in self._where:
+                raise StateDictError(
+                    f"leaf {nm!r} is averaged here but a copy in the state dict; load it into "
+                    "an EMA with the same buffers/frozen policy"
+                )
+            if nm in self._copies:
+                _check_loaded(nm, "copy", arr, self._copies[nm][0])
         keep = {nm: rec for nm, rec in leaves.items() if not current or nm in current}
         arrays = [self._placed_like(nm, rec["shadow"]) for nm, rec in keep.items()]
         backends = _engine.resolve_backends(arrays, list(keep), self._backend_name)

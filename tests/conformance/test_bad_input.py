@@ -172,3 +172,18 @@ def test_a_refused_apply_does_not_use_up_an_update_every_call(lib: Any) -> None:
     ema.apply({"w": lib.make(np.full(2, 4.0))})  # so this is call 3, and updates (dt = 2)
     got = lib.read(ema.average({"w": lib.make(np.zeros(2))})["w"])
     np.testing.assert_allclose(got, np.full(2, 4.0 * (1 - 0.5**2)), rtol=1e-6)
+
+
+def test_a_state_dict_shadow_of_another_dtype_is_refused_and_changes_nothing(lib: Any) -> None:
+    """Loaded, a float64 shadow of a tracked float32 leaf would make every later apply fail:
+    refused naming the leaf, with the EMA as it was."""
+    ema = emacore.EMA(0.5)
+    params = {"w": lib.make(np.ones(3, np.float32))}
+    ema.apply(params)
+    state = ema.state_dict()
+    bad = {**state, "leaves": {"w": {**state["leaves"]["w"]}}}
+    bad["leaves"]["w"]["shadow"] = lib.make(np.zeros(3, np.float64))
+    with pytest.raises(emacore.StateDictError, match="leaf 'w': state dict shadow dtype float64"):
+        ema.load_state_dict(bad)
+    ema.apply({"w": lib.make(np.full(3, 3.0, np.float32))})
+    np.testing.assert_array_equal(lib.read(ema.average(params)["w"]), np.full(3, 2.0))

@@ -330,6 +330,28 @@ def test_copy_to_inference_tensors_is_refused_outside_inference_mode() -> None:
         ema.copy_to(model)  # allowed there, as torch allows the write
 
 
+def test_a_state_dict_with_a_bad_copy_or_another_role_is_refused_and_changes_nothing() -> None:
+    model = nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3))
+    ema = emacore.EMA(0.5)  # buffers copied
+    ema.apply(model)
+    state = ema.state_dict()
+    wrong_shape = {**state, "copies": {**state["copies"], "1.running_mean": torch.zeros(7)}}
+    with pytest.raises(emacore.StateDictError, match=r"leaf '1.running_mean': .* copy shape"):
+        ema.load_state_dict(wrong_shape)
+    as_float = {**state, "copies": {**state["copies"], "1.num_batches_tracked": torch.zeros(())}}
+    with pytest.raises(emacore.StateDictError, match=r"'1.num_batches_tracked': .* copy dtype"):
+        ema.load_state_dict(as_float)
+    averaging = emacore.EMA(0.5, buffers="average")
+    averaging.apply(model)
+    with pytest.raises(emacore.StateDictError, match=r"'1.running_mean' is averaged here"):
+        averaging.load_state_dict(state)
+    with pytest.raises(emacore.StateDictError, match=r"'1.running_mean' is copied here"):
+        ema.load_state_dict(averaging.state_dict())
+    ema.apply(model)  # both still work, as they were
+    averaging.apply(model)
+    torch.testing.assert_close(ema.average(model)["1.running_var"], model[1].running_var)
+
+
 def test_layouts_agree() -> None:
     torch.manual_seed(4)
     params = [torch.randn(n) for n in (5, 70_000, 17, 3)]
