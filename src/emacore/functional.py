@@ -91,7 +91,8 @@ def init(
         default) is ``"auto"``, except that a nested structure on jax keeps one array per
         leaf in ``state.shadow``: reading a leaf out of a packed jax buffer copies it, so a
         packed state of a dict is a `emacore.ShadowTree` (read it with `average`), which you
-        get by asking for a layout.
+        get by asking for a layout, or by offloading (``device``: the shadows stay where
+        they were put, in the backend's layout).
     traceable : bool
         Keep the counters (``count``, ``decay_product``, ``last_decay``) as 0-d arrays on the
         first leaf's device instead of Python numbers, so that `update` inside
@@ -121,8 +122,11 @@ def init(
         leaves, backends, zeros=zero_debias, dtypes=dtypes, layout=layout or "auto", device=device
     )
     packed = _packed(shadows)
-    if packed and layout is None and treedef != ("list", (_pytree.LEAF,) * len(leaves)):
-        shadows = list(shadows)  # one array per leaf: the state keeps the structure
+    flat_list = treedef == ("list", (_pytree.LEAF,) * len(leaves))
+    # one array per leaf, so the state keeps the structure; not for offloaded shadows: a
+    # leaf read out of a packed buffer is read into device memory, where averages are used
+    if packed and layout is None and device is None and not flat_list:
+        shadows = list(shadows)
     counters: dict[str, Any] = {}
     if traceable:
         if compat == "tensorflow":

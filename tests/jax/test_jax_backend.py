@@ -473,6 +473,15 @@ def test_functional_state_offloaded_to_pinned_host() -> None:
     got = F.average(state)
     np.testing.assert_array_equal(np.asarray(got[0]), np.full(5, 4.0))
     np.testing.assert_array_equal(np.asarray(got[1]), np.full((2, 3), 3.0))
+    # a dict: the offloaded shadows stay in host memory (a packed state), not read out of it
+    tree = {"a": jnp.full(5, 2.0), "big": jnp.ones((300, 300))}
+    state = F.init(tree, device="pinned_host")
+    assert isinstance(state.shadow, emacore.ShadowTree)
+    assert {a.sharding.memory_kind for a in state.shadow.shadows.arrays} == {"pinned_host"}
+    state = F.update(state, {k: v + 4.0 for k, v in tree.items()}, 0.5)
+    assert {a.sharding.memory_kind for a in state.shadow.shadows.arrays} == {"pinned_host"}
+    np.testing.assert_array_equal(np.asarray(F.average(state)["a"]), np.full(5, 4.0))
+    np.testing.assert_array_equal(np.asarray(F.average(state)["big"]), np.full((300, 300), 3.0))
 
 
 def test_a_traced_time_step_inside_jit() -> None:
