@@ -949,15 +949,28 @@ class TorchBackend(ArrayAPIBackend):
         return x.detach().cpu()
 
     def to_device(self, x: Any, device: Any) -> Any:
-        """Return ``x`` detached on ``device``; host copies of CUDA tensors are pinned."""
-        target = torch.device(device)
+        """Return ``x`` detached on ``device``; host copies of CUDA tensors are pinned.
+
+        Raises ``ValueError`` naming the device where torch has no such device.
+        """
+        try:
+            target = torch.device(device)
+        except (RuntimeError, TypeError) as exc:
+            raise ValueError(f"torch backend: device={device!r} is not a torch device") from exc
         if x.device == target:
             return x
         with torch.no_grad():
             if target.type == "cpu" and x.device.type == "cuda":
                 out = torch.empty(x.shape, dtype=x.dtype, device="cpu", pin_memory=True)
                 return out.copy_(x.detach())
-            return x.detach().to(target)
+            try:
+                return x.detach().to(target)
+            except torch.OutOfMemoryError:
+                raise
+            except (AssertionError, RuntimeError) as exc:  # torch built without that device
+                raise ValueError(
+                    f"torch backend: device={device!r} is not available here ({exc})"
+                ) from exc
 
     def assign(self, dst: Any, src: Any) -> None:
         """Copy ``src`` into ``dst`` in place (outside autograd), across devices if needed."""

@@ -352,6 +352,16 @@ def test_a_state_dict_with_a_bad_copy_or_another_role_is_refused_and_changes_not
     torch.testing.assert_close(ema.average(model)["1.running_var"], model[1].running_var)
 
 
+def test_an_offload_device_torch_lacks_is_a_value_error_and_records_nothing() -> None:
+    devices = ["bogus"] + (["cuda"] if not torch.cuda.is_available() else [])
+    devices += ["mps"] if not torch.backends.mps.is_available() else []
+    for device in devices:
+        ema = emacore.EMA(0.5, device=device)
+        with pytest.raises(ValueError, match=f"torch backend: device='{device}'"):
+            ema.apply({"w": torch.ones(3)})
+        assert ema.state_dict()["leaves"] == {}
+
+
 def test_layouts_agree() -> None:
     torch.manual_seed(4)
     params = [torch.randn(n) for n in (5, 70_000, 17, 3)]
