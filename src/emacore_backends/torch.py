@@ -914,6 +914,10 @@ class TorchBackend(ArrayAPIBackend):
                     out[i] = bool(ok)
         return out
 
+    def is_traced(self, x: Any) -> bool:
+        """True while ``torch.compile`` traces: tensors then hold no values to branch on."""
+        return bool(torch.compiler.is_compiling())
+
     def check_writable(self, shadows: Sequence[Any], names: Sequence[str]) -> None:
         """Shadows are ours and plain tensors: always writable."""
 

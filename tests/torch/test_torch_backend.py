@@ -526,6 +526,39 @@ def test_the_default_functional_update_compiles_without_graph_breaks(dtype: torc
         torch.testing.assert_close(got[n], want[n], rtol=1e-6, atol=1e-6)
 
 
+def test_nonfinite_skip_inside_torch_compile_decides_on_the_device() -> None:
+    """nonfinite="skip" under a trace cannot branch in Python: the update is computed and
+    kept or dropped by a select on the device, with the counters, as eager skips it."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    params = {"w": torch.zeros(3), "b": torch.zeros(2)}
+    state = emacore.functional.init(params, traceable=True)
+    eager = emacore.functional.init(params)
+    step = torch.compile(
+        lambda st, p: emacore.functional.update(st, p, 0.5, nonfinite="skip"),
+        fullgraph=True,
+        backend="aot_eager",
+    )
+    for k in range(4):
+        new = {"w": torch.full((3,), 2.0 * (k + 1)), "b": torch.full((2,), float(k))}
+        if k == 2:
+            new["b"][1] = float("nan")  # this whole update is skipped
+        state = step(state, new)
+        eager = emacore.functional.update(eager, new, 0.5, nonfinite="skip")
+    assert int(state.count) == eager.count == 3
+    got, want = emacore.functional.average(state), emacore.functional.average(eager)
+    for n in got:
+        torch.testing.assert_close(got[n], want[n], rtol=0, atol=0)
+    torch.testing.assert_close(got["w"], torch.full((3,), 5.25))  # 0, 1, 2.5, (skipped), 5.25
+    # and the stateful API, inside a trace, points to this one (dynamo wraps the TypeError)
+    ema = emacore.EMA(0.5)
+    refused = (TypeError, torch._dynamo.exc.Unsupported)
+    with pytest.raises(refused, match="use emacore.functional"):
+        torch.compile(lambda p: ema.apply(p), fullgraph=True, backend="aot_eager")(params)
+
+
 def test_module_parameter_set_change_and_second_module_are_refused() -> None:
     model = _model()
     ema = emacore.EMA(0.5)
