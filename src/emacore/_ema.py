@@ -267,8 +267,9 @@ class ExponentialMovingAverage:
         and parameters not on one CUDA device, raise ``ValueError`` naming the backend. One
         decay profile only.
     nonfinite : {"ignore", "skip", "raise"}
-        What ``apply`` does when a parameter holds NaN or infinity, decided for the whole
-        update: ``"skip"`` leaves every shadow and counter as it was (counted in
+        What ``apply`` does when a parameter (or a floating buffer or frozen parameter it
+        copies) holds NaN or infinity, decided for the whole update: ``"skip"`` leaves every
+        shadow, copy and counter as it was (counted in
         `skipped_updates`, the leaves named in `last_nonfinite`, and an `EMAWarning` the
         first time), ``"raise"`` raises `emacore.errors.NonFiniteError` naming the leaves,
         before anything changes. ``"ignore"`` (default) does not look: the check reads
@@ -746,6 +747,16 @@ class ExponentialMovingAverage:
                 [backends[i] for i in old],
                 check_devices=self._device is None,
             )
+        if self._nonfinite != "ignore":
+            # a copied buffer or frozen parameter holding NaN is refused (or skipped) with the
+            # averaged leaves: the update happens for every leaf or for none
+            floating = [i for i, (x, b) in enumerate(zip(arrays, backends)) if b.is_floating(x)]
+            if floating:
+                self._guard_nonfinite(
+                    [names[i] for i in floating],
+                    [arrays[i] for i in floating],
+                    [backends[i] for i in floating],
+                )
 
     def _commit_copies(self, names: list[str], arrays: list[Any], backends: list[Backend]) -> None:
         for nm, x, b in zip(names, arrays, backends):

@@ -362,6 +362,26 @@ def test_an_offload_device_torch_lacks_is_a_value_error_and_records_nothing() ->
         assert ema.state_dict()["leaves"] == {}
 
 
+@pytest.mark.parametrize("policy", ["raise", "skip"])
+def test_a_nan_in_a_copied_buffer_stops_the_whole_update(policy: str) -> None:
+    model = nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3))
+    ema = emacore.EMA(0.5, nonfinite=policy)  # buffers copied
+    ema.apply(model)
+    before = {k: v.clone() for k, v in ema.average(model).items()}
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+        model[1].running_var[0] = float("nan")
+    if policy == "raise":
+        with pytest.raises(emacore.NonFiniteError, match=r"1.running_var"):
+            ema.apply(model)
+    else:
+        with pytest.warns(emacore.EMAWarning, match="skipped an EMA update"):
+            ema.apply(model)
+        assert ema.skipped_updates == 1
+    for name, value in ema.average(model).items():
+        torch.testing.assert_close(value, before[name], rtol=0, atol=0, equal_nan=False)
+
+
 def test_layouts_agree() -> None:
     torch.manual_seed(4)
     params = [torch.randn(n) for n in (5, 70_000, 17, 3)]
