@@ -93,6 +93,7 @@ _CODES: dict[str, tuple[str, str]] = {
 }
 _CODE_OF = {name: code for code, (_, name) in _CODES.items()}
 _DTYPES = (*_CODE_OF, "bfloat16")  # the dtypes an array may have (bfloat16: stored as float32)
+_FLOATING = ("float16", "bfloat16", "float32", "float64")  # the dtypes a shadow may have
 
 
 class CheckpointError(StateDictError):
@@ -589,6 +590,12 @@ def _check_state(
             raise bad(f"leaf {nm!r} has no 'shadow' array")
         _check_counters(rec, nm, bad)
         for ref in _refs(rec):
+            # an average of integers is no average (a dtype no array may have: `_add_ref`)
+            if ref.get("dtype") in _DTYPES and ref.get("dtype") not in _FLOATING:
+                raise bad(
+                    f"leaf {nm!r}: its shadow {ref.get(_REF)!r} is {ref.get('dtype')!r}; an "
+                    f"averaged leaf's shadows are one of {_FLOATING}"
+                )
             _add_ref(refs, ref, nm, bad)
     for nm, ref in copies.items():
         if not _is_ref(ref):

@@ -413,6 +413,23 @@ def test_metadata_must_agree_with_the_tensors(tmp_path: Path) -> None:
     _raises(path, "cover")
 
 
+def test_an_averaged_leaf_with_an_integer_shadow_is_a_checkpoint_error(tmp_path: Path) -> None:
+    """Consistent header and metadata (int32 both), but an average of integers is no EMA
+    state: every loader refuses it as a malformed file, load_into included."""
+    good = tmp_path / "good.safetensors"
+    _ema_file(good)
+    header, doc, payload = _split(good.read_bytes())
+    assert header["w"]["dtype"] == "F32"  # int32 has the same size: the bytes still fit
+    doc["state"]["leaves"]["w"]["shadow"]["dtype"] = "int32"
+    path = tmp_path / "int.safetensors"
+    changed = {**header, "w": {**header["w"], "dtype": "I32"}}
+    _write_header(path, {**changed, "__metadata__": {"emacore": json.dumps(doc)}}, payload)
+    match = r"leaf 'w': its shadow 'w' is 'int32'"
+    _raises(path, match)
+    with pytest.raises(emacore.CheckpointError, match=match):
+        emacore.load_into(emacore.EMA(0.5), path)
+
+
 def test_dtype_a_library_cannot_keep_is_an_error(tmp_path: Path) -> None:
     """A target that silently narrows (JAX without x64 makes float64 float32) is refused."""
     path = tmp_path / "ema.safetensors"
