@@ -515,6 +515,32 @@ def test_nonfinite_skip_inside_jit_keeps_the_old_state() -> None:
         jax.jit(lambda st, p: F.update(st, p, 0.5, nonfinite="raise"))(state, good)
 
 
+def test_orbax_load_into_refuses_other_shapes_and_dtypes_and_skips_untracked(
+    tmp_path: Any,
+) -> None:
+    from emacore.integrations import orbax as eo
+
+    ema = emacore.EMA(0.5)
+    ema.apply({"w": jnp.full(4, 2.0, jnp.float32), "v": jnp.ones((2, 2), jnp.float32)})
+    eo.save(ema, tmp_path / "ckpt")
+    for params in (
+        {"w": jnp.zeros(5, jnp.float32), "v": jnp.zeros((2, 2), jnp.float32)},
+        {"w": jnp.zeros(4, jnp.float16), "v": jnp.zeros((2, 2), jnp.float16)},
+    ):
+        other = emacore.EMA(0.5, shadow_dtype="same")  # float16 shadows for the second
+        other.apply(params)
+        with pytest.raises(emacore.StateDictError, match=r"'leaves/[vw]/shadow': the checkpoint"):
+            eo.load_into(other, tmp_path / "ckpt")
+        np.testing.assert_array_equal(np.asarray(other.average(params)["w"]), 0.0)
+    part = emacore.EMA(0.5)
+    part.apply({"w": jnp.zeros(4, jnp.float32)})
+    with pytest.raises(emacore.StateDictError, match="does not track"):
+        eo.load_into(part, tmp_path / "ckpt")
+    result = eo.load_into(part, tmp_path / "ckpt", strict=False)
+    assert result.unexpected_keys == ["v"]
+    np.testing.assert_array_equal(np.asarray(part.average({"w": jnp.zeros(4)})["w"]), 2.0)
+
+
 def test_sharded_checkpoints_through_orbax_load_onto_another_mesh(tmp_path: Any) -> None:
     """8 host devices (a subprocess): save on a 4x2 mesh, restore onto 4 devices; debiased
     averages of sharded shadows too."""

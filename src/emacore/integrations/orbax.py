@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from emacore._ema import ExponentialMovingAverage
@@ -64,6 +65,23 @@ def _join(tree: Any, arrays: Mapping[str, Any]) -> Any:
     return tree
 
 
+def _stored(ocp: Any, path: str) -> dict[str, tuple[tuple[int, ...], str]]:
+    """The shape and dtype of every array the checkpoint holds, read from orbax's metadata."""
+    try:
+        tree = ocp.StandardCheckpointHandler().metadata(Path(path) / "arrays").tree
+    except (OSError, ValueError) as exc:
+        raise StateDictError(f"{path}: cannot read the arrays' metadata ({exc})") from exc
+    return {k: (tuple(m.shape), str(m.dtype)) for k, m in tree.items()}
+
+
+def _host_struct(shape: tuple[int, ...], dtype: str) -> Any:
+    """Where to read an array that is loaded only to be left out: this process's device."""
+    import jax
+
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=device)
+
+
 def save(ema: ExponentialMovingAverage, directory: str | os.PathLike[str]) -> None:
     """Write ``ema``'s state to ``directory`` (new), every shadow sharded as it is.
 
@@ -102,10 +120,14 @@ def load_into(
     shadows give every array's shape, dtype and sharding. Then as
     `ExponentialMovingAverage.load_state_dict`.
 
+    With ``strict=False``, leaves the checkpoint holds and ``ema`` does not track are read
+    and left out (reported as unexpected); tracked leaves it lacks keep their state.
+
     Raises
     ------
     StateDictError
-        The checkpoint's leaves, shapes or options differ from ``ema``'s (nothing changes).
+        The checkpoint's leaves (with ``strict``), shapes, dtypes or options differ from
+        ``ema``'s (nothing changes).
     """
     ocp = _orbax()
     path = os.path.abspath(os.fspath(directory))
@@ -117,12 +139,27 @@ def load_into(
         current: dict[str, Any] = {}
         _split(ema.state_dict(), "", current)
         missing = sorted(p for p in keys if p not in current)
-        if missing:
+        if missing and strict:
             raise StateDictError(
                 f"the EMA does not track what the checkpoint holds: {missing[:10]} (apply it to "
                 "the model first, so its shadows give the shardings to restore into)"
             )
-        target = {keys[p]: current[p] for p in keys}
+        stored = _stored(ocp, path)
+        target = {}
+        for p, k in keys.items():
+            if k not in stored:
+                raise StateDictError(f"{path}: the array of {p!r} is missing")
+            shape, dtype = stored[k]
+            if p not in current:  # not tracked, and not strict: read, then left out
+                target[k] = _host_struct(shape, dtype)
+                continue
+            want = (tuple(current[p].shape), str(current[p].dtype))
+            if (shape, dtype) != want:  # orbax would fail on a shape, cast a dtype
+                raise StateDictError(
+                    f"{p!r}: the checkpoint holds {dtype}{list(shape)}, the EMA tracks "
+                    f"{want[1]}{list(want[0])}; nothing was loaded"
+                )
+            target[k] = current[p]
         restored = ckptr.restore(
             path, args=ocp.args.Composite(arrays=ocp.args.StandardRestore(target))
         )["arrays"]
