@@ -413,12 +413,15 @@ def apply_update_lanes(
 def advance(state: EMAState, decay: Any) -> dict[str, Any]:
     """The scalar part of the new state after one update with ``decay``."""
     last = state.last_decay
-    return {
+    out = {
         "count": state.count + 1,
         "decay_product": state.decay_product * decay,
         # traceable state keeps its counters arrays, so a traced step sees no new constants
         "last_decay": last * 0 + decay if hasattr(last, "shape") else decay,
     }
+    if state.debias is not None:  # 1 - Π d, moved as a shadow of ones is: b + c (1 - b)
+        out["debias"] = state.debias + (1.0 - decay) * (1.0 - state.debias)
+    return out
 
 
 def averages(state: EMAState, shadows: Sequence[Any], backends: Sequence[Backend]) -> list[Any]:
@@ -429,7 +432,8 @@ def averages(state: EMAState, shadows: Sequence[Any], backends: Sequence[Backend
         out = []
         for s, b in zip(shadows, backends):
             xp = b.namespace(s)
-            correction = xp.astype(1.0 - state.decay_product, s.dtype)
+            exact = state.debias if state.debias is not None else 1.0 - state.decay_product
+            correction = xp.astype(exact, s.dtype)
             # where every decay so far was 1 (or before any update) report the shadow as is
             correction = correction + xp.astype(correction == 0, s.dtype)
             out.append(s / correction)

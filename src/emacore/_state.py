@@ -27,6 +27,11 @@ class EMAState:
         Shadows start at zero and averages are divided by the bias correction.
     compat : {"default", "tensorflow"}
         ``"tensorflow"`` reproduces TF 2's float32 decay arithmetic and its debias formula.
+    debias : optional
+        ``1 - Π d_i`` itself, a 0-d array, for a traceable state whose counters cannot be
+        float64 (jax without ``jax_enable_x64``): ``decay_product`` is then a float32 number
+        near 1, and ``1 - decay_product`` would lose the digits the debias needs. Updated with
+        the coefficient the shadows use, ``b + (1 - d)(1 - b)``. None otherwise.
     device : optional
         Where the shadows live when offloaded (``init(..., device=...)``); None: on each
         parameter's own device.
@@ -45,6 +50,7 @@ class EMAState:
     zero_debias: bool = False
     compat: str = "default"
     device: Any = None
+    debias: Any = None
     backend_list: Any = field(default=None, repr=False, compare=False)
 
     def replace(self, **changes: Any) -> EMAState:

@@ -299,6 +299,8 @@ def _from_functional(state: EMAState) -> tuple[dict[str, Any], Any]:
         dup = sorted({n for n in names if names.count(n) > 1})
         raise CheckpointError(f"cannot save: several leaves are named {dup[:10]}")
     counters = {key: _scalar(getattr(state, key)) for key in _COUNTERS}
+    if state.debias is not None:  # a float32 traceable state: its exact 1 - product
+        counters["decay_product"] = 1.0 - float(_scalar(state.debias))
     records = {
         nm: {"shadow": x, **counters, "keyed_by": _NAME, "position": None, "order": i}
         for i, (nm, x) in enumerate(zip(names, leaves))

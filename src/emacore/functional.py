@@ -147,6 +147,8 @@ def init(
             "decay_product": xp.asarray(1.0, dtype=wide, device=where),
             "last_decay": xp.asarray(1.0, dtype=wide, device=where),
         }
+        if wide != xp.float64:  # a float32 product near 1 cannot give 1 - product: keep it
+            counters["debias"] = xp.asarray(0.0, dtype=wide, device=where)
         # resolve the shadows' type now, so a traced update finds the registry's cache as
         # it will stay (a cache that grows under torch.compile is a recompile)
         resolve_backends([first], names[:1], backend)
@@ -282,6 +284,7 @@ def update(
             new = [b.namespace(n).where(finite, n, s) for n, s, b in zip(new, s_leaves, s_backends)]
         old = {"count": state.count, "decay_product": state.decay_product}
         old["last_decay"] = state.last_decay
+        old["debias"] = state.debias
         first = s_leaves.first() if isinstance(s_leaves, _pytree.ShadowList) else s_leaves[0]
         xp = s_backends[0].namespace(first)
         counters = {k: xp.where(finite, v, old[k]) for k, v in counters.items()}

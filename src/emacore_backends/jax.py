@@ -53,7 +53,7 @@ __all__ = ["BACKEND", "JaxBackend"]
 # its options static.
 jax.tree_util.register_dataclass(
     EMAState,
-    data_fields=["shadow", "count", "decay_product", "last_decay"],
+    data_fields=["shadow", "count", "decay_product", "last_decay", "debias"],
     meta_fields=["zero_debias", "compat", "device"],
     drop_fields=["backend_list"],  # numpy's and torch's layout notes; never jax arrays
 )

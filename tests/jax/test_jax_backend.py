@@ -157,6 +157,43 @@ def test_averages_and_state_dicts_read_before_an_update_outlive_its_donation(
     np.testing.assert_array_equal(np.asarray(ema.average(params)["big"]), start["big"] + 1.0)
 
 
+def test_a_float32_traceable_state_debiases_with_the_coefficient_it_applied() -> None:
+    """Without jax_enable_x64 (a subprocess: this session turns it on) a traceable state's
+    counters are float32; the debias must still be exact to float32 rounding, not carry the
+    rounding of a product near 1 (0.14% at decay 0.99999, as optax.ema's does)."""
+    code = textwrap.dedent(
+        """
+        import numpy as np, jax, jax.numpy as jnp, optax
+        from emacore import functional as F
+        from emacore.integrations.optax import averages, ema_params
+        assert not jax.config.jax_enable_x64
+        params = {"w": jnp.full(3, 2.0)}
+        tx = optax.chain(optax.sgd(0.0), ema_params(0.99999, zero_debias=True))
+        opt = tx.init(params)
+        _, opt = jax.jit(tx.update)({"w": jnp.zeros(3)}, opt, params)
+        np.testing.assert_allclose(np.asarray(averages(opt)["w"]), 2.0, rtol=5e-7)
+        xs = np.random.default_rng(0).standard_normal((3000, 3)).astype(np.float32) + 1.0
+        state = F.init({"w": jnp.zeros(3)}, traceable=True, zero_debias=True)
+        assert state.decay_product.dtype == jnp.float32 and state.debias is not None
+        body = lambda st, x: (F.update(st, {"w": x}, 0.9999), F.average(st)["w"])
+        state, seen = jax.lax.scan(body, state, jnp.asarray(xs))
+        ref, prod, want = np.zeros(3), 1.0, []
+        for x in xs.astype(np.float64):
+            want.append(ref / (1 - prod) if prod < 1 else ref)
+            ref, prod = 0.9999 * ref + 0.0001 * x, prod * 0.9999
+        np.testing.assert_allclose(np.asarray(F.average(state)["w"]), ref / (1 - prod), rtol=2e-6)
+        np.testing.assert_allclose(np.asarray(seen)[1:], np.array(want)[1:], rtol=2e-6)
+        print("ok")
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "JAX_ENABLE_X64"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "ok"
+
+
 def test_bfloat16_parameters_get_float32_shadows() -> None:
     params = {"w": jnp.ones(8, jnp.bfloat16)}
     ema = emacore.EMA(0.999)
