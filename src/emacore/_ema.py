@@ -1561,10 +1561,23 @@ class ExponentialMovingAverage:
         arrays = [self._placed_like(nm, rec["shadow"]) for nm, rec in keep.items()]
         backends = _engine.resolve_backends(arrays, list(keep), self._backend_name)
         _engine.check_floating(arrays, list(keep), backends)
-        kept_copies = {nm: a for nm, a in loaded_copies.items() if not current or nm in current}
+        kept_copies = {
+            nm: self._placed_like(nm, a)
+            for nm, a in loaded_copies.items()
+            if not current or nm in current
+        }
         copy_backends = _engine.resolve_backends(
             list(kept_copies.values()), list(kept_copies), self._backend_name
         )
+        tracked = {nm: self._shadow_of(nm)[1] for nm in keep if nm in self._where}
+        tracked.update({nm: self._copies[nm][1] for nm in kept_copies if nm in self._copies})
+        for nm, b in [*zip(keep, backends), *zip(kept_copies, copy_backends)]:
+            if nm in tracked and b is not tracked[nm]:
+                raise StateDictError(
+                    f"leaf {nm!r}: the state dict holds a {b.name} array, this EMA tracks "
+                    f"{tracked[nm].name} ones; convert the arrays first, or save and load "
+                    "through emacore.save / emacore.load_into, which converts"
+                )
         new_copies = _engine.create_shadows(
             list(kept_copies.values()), copy_backends, zeros=False, device=self._device
         )
@@ -1573,7 +1586,7 @@ class ExponentialMovingAverage:
         )
         lanes = [shadows]
         for k in range(len(self._profiles) - 1):
-            more = [rec["profiles"][k]["shadow"] for rec in keep.values()]
+            more = [self._placed_like(nm, rec["profiles"][k]["shadow"]) for nm, rec in keep.items()]
             for nm, a, b in zip(keep, more, arrays):
                 if tuple(a.shape) != tuple(b.shape):
                     raise StateDictError(
@@ -1598,10 +1611,16 @@ class ExponentialMovingAverage:
         return LoadResult(missing, unexpected)
 
     def _placed_like(self, name: str, array: Any) -> Any:
-        """A loaded shadow laid out as the one it replaces (a whole array sharded again)."""
-        if name not in self._where:
+        """A loaded shadow (or copy) laid out as the one it replaces.
+
+        A whole array is sharded again; a tensor moves to the device of the one it replaces.
+        """
+        if name in self._where:
+            current, backend = self._shadow_of(name)
+        elif name in self._copies:
+            current, backend = self._copies[name]
+        else:
             return array
-        current, backend = self._shadow_of(name)
         place = getattr(backend, "placed_like", None)
         if place is None:
             return array

@@ -589,7 +589,7 @@ class TorchBackend(ArrayAPIBackend):
         """``x`` (a loaded shadow) laid out as ``like``, the shadow it replaces.
 
         A whole tensor (from a portable checkpoint) replacing a DTensor is sharded the same
-        way: each process keeps its own shard.
+        way: each process keeps its own shard. A plain tensor moves to ``like``'s device.
         """
         if _is_dtensor(like) and _is_dtensor(x):
             if x.device_mesh != like.device_mesh or x.placements != like.placements:
@@ -599,8 +599,12 @@ class TorchBackend(ArrayAPIBackend):
                     "torch.distributed.checkpoint into ema.state_dict(), which reshards"
                 )
             return x
-        if not _is_dtensor(like) or not isinstance(x, torch.Tensor):
-            return x
+        if not isinstance(x, torch.Tensor):
+            return x  # another library's array: refused by the caller, naming both
+        if not _is_dtensor(like):
+            # on the device of the shadow it replaces, as nn.Module.load_state_dict does (a
+            # state dict loaded with map_location="cpu" into an EMA on the GPU)
+            return x if x.device == like.device else x.detach().to(like.device)
         from torch.distributed.tensor import distribute_tensor
 
         local = like.to_local()

@@ -382,6 +382,21 @@ def test_a_nan_in_a_copied_buffer_stops_the_whole_update(policy: str) -> None:
         torch.testing.assert_close(value, before[name], rtol=0, atol=0, equal_nan=False)
 
 
+def test_a_state_dict_of_another_library_is_refused_and_changes_nothing() -> None:
+    """numpy arrays loaded over torch shadows would make every later apply fail: refused,
+    naming both libraries (emacore.load_into converts; load_state_dict does not)."""
+    src = emacore.EMA(0.9)
+    src.apply({"w": np.ones(3, np.float32)})
+    dst = emacore.EMA(0.9)
+    params = {"w": torch.zeros(3)}
+    dst.apply(params)
+    with pytest.raises(emacore.StateDictError, match=r"leaf 'w': .* numpy array, .* torch"):
+        dst.load_state_dict(src.state_dict())
+    assert isinstance(dst.average(params)["w"], torch.Tensor)
+    dst.apply({"w": torch.full((3,), 10.0)})
+    torch.testing.assert_close(dst.average(params)["w"], torch.full((3,), 1.0))
+
+
 def test_layouts_agree() -> None:
     torch.manual_seed(4)
     params = [torch.randn(n) for n in (5, 70_000, 17, 3)]
