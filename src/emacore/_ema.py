@@ -20,6 +20,7 @@ from typing import Any
 
 from emacore import _engine, _plugins, _pytree
 from emacore._debias import COMPAT_MODES, coefficient
+from emacore._precision import dtype_label
 from emacore._state import EMAState
 from emacore._state_dict import (
     _IDENTITY,
@@ -197,7 +198,7 @@ def _check_loaded(name: str, what: str, loaded: Any, current: Any) -> None:
             f"leaf {name!r}: state dict {what} shape {tuple(loaded.shape)} does not match the "
             f"tracked one's {tuple(current.shape)}"
         )
-    got, want = (str(a.dtype).rsplit(".", 1)[-1] for a in (loaded, current))
+    got, want = dtype_label(loaded.dtype), dtype_label(current.dtype)
     if got != want:
         raise StateDictError(
             f"leaf {name!r}: state dict {what} dtype {got} does not match the tracked one's {want}"

@@ -430,9 +430,9 @@ def averages(state: EMAState, shadows: Sequence[Any], backends: Sequence[Backend
         return list(shadows)
     if hasattr(state.decay_product, "shape"):  # traceable state: no Python branches on values
         out = []
+        exact = state.debias if state.debias is not None else 1.0 - state.decay_product
         for s, b in zip(shadows, backends):
             xp = b.namespace(s)
-            exact = state.debias if state.debias is not None else 1.0 - state.decay_product
             correction = xp.astype(exact, s.dtype)
             # where every decay so far was 1 (or before any update) report the shadow as is
             correction = correction + xp.astype(correction == 0, s.dtype)

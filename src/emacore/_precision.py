@@ -63,3 +63,12 @@ def dtype_name(xp: Any, dtype: Any) -> str:
     if bits == 16 and eps == 2.0**-10:
         return "float16"
     return "other"
+
+
+def dtype_label(dtype: Any) -> str:
+    """``"float32"`` for numpy's, torch's (``torch.float32``), JAX's and the standard's dtypes.
+
+    The name a dtype goes by in every library, to compare dtypes across them (``bfloat16``
+    and integer dtypes included, which `dtype_name` does not tell apart).
+    """
+    return str(dtype).rsplit(".", 1)[-1]

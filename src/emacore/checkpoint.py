@@ -46,6 +46,7 @@ from typing import Any
 from emacore import _plugins, _pytree
 from emacore._debias import COMPAT_MODES
 from emacore._ema import ExponentialMovingAverage
+from emacore._precision import dtype_label
 from emacore._state import EMAState
 from emacore._state_dict import _IDENTITY, _NAME, _POSITION, STATE_FORMAT, STATE_VERSION, LoadResult
 from emacore.errors import StateDictError
@@ -347,11 +348,6 @@ def _numpy() -> Any:
         ) from None
 
 
-def _dtype_name(dtype: Any) -> str:
-    """``"float32"`` for numpy's, torch's (``torch.float32``), JAX's and the standard's dtypes."""
-    return str(dtype).rsplit(".", 1)[-1]
-
-
 def _to_numpy(host: Any) -> Any:
     return _numpy().asarray(host)  # `Backend.to_host` brought it to the host
 
@@ -363,7 +359,7 @@ def _host_array(x: Any, name: str) -> tuple[Any, str]:
     backend = _plugins.resolve(x)
     if backend.is_traced(x):
         raise CheckpointError(f"{name!r} is traced (inside jit): save outside of it")
-    dtype = _dtype_name(x.dtype)
+    dtype = dtype_label(x.dtype)
     if dtype == "bfloat16":
         xp = backend.namespace(x)
         x = xp.astype(x, xp.float32)  # exact: see the module docstring
@@ -877,7 +873,7 @@ def _convert(arr: Any, saved: str, name: str, xp: Any, device: Any) -> Any:
         if bf16 is None:
             return out  # a library without bfloat16 keeps the exact float32 values
         out = ns.astype(out, bf16)
-    got = _dtype_name(out.dtype)
+    got = dtype_label(out.dtype)
     if got != saved:
         raise CheckpointError(
             f"array {name!r} was saved as {saved}, but {library} made it {got} (JAX keeps 64-bit "
@@ -1083,7 +1079,7 @@ def _differences(
             problems.append(
                 f"leaf {nm!r} has shape {tuple(ref['shape'])} in the file, {tuple(arr.shape)} here"
             )
-        if ref["dtype"] != _dtype_name(arr.dtype):
+        if ref["dtype"] != dtype_label(arr.dtype):
             problems.append(f"leaf {nm!r} is {ref['dtype']} in the file, {arr.dtype} here")
     return problems
 

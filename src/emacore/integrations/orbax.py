@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from emacore._ema import ExponentialMovingAverage
+from emacore._precision import dtype_label
 from emacore._state_dict import LoadResult
 from emacore.errors import StateDictError
 
@@ -71,13 +72,12 @@ def _stored(ocp: Any, path: str) -> dict[str, tuple[tuple[int, ...], str]]:
         tree = ocp.StandardCheckpointHandler().metadata(Path(path) / "arrays").tree
     except (OSError, ValueError) as exc:
         raise StateDictError(f"{path}: cannot read the arrays' metadata ({exc})") from exc
-    return {k: (tuple(m.shape), str(m.dtype)) for k, m in tree.items()}
+    return {k: (tuple(m.shape), dtype_label(m.dtype)) for k, m in tree.items()}
 
 
 def _host_struct(shape: tuple[int, ...], dtype: str) -> Any:
     """Where to read an array that is loaded only to be left out: this process's device."""
-    import jax
-
+    jax = importlib.import_module("jax")  # imported on first use, as orbax is
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     return jax.ShapeDtypeStruct(shape, dtype, sharding=device)
 
@@ -153,7 +153,7 @@ def load_into(
             if p not in current:  # not tracked, and not strict: read, then left out
                 target[k] = _host_struct(shape, dtype)
                 continue
-            want = (tuple(current[p].shape), str(current[p].dtype))
+            want = (tuple(current[p].shape), dtype_label(current[p].dtype))
             if (shape, dtype) != want:  # orbax would fail on a shape, cast a dtype
                 raise StateDictError(
                     f"{p!r}: the checkpoint holds {dtype}{list(shape)}, the EMA tracks "
