@@ -1,12 +1,13 @@
 """The ``py-lightning`` and ``py-keras`` blocks of the docs run, in order, one process per
 (tag, Keras backend): Keras reads ``KERAS_BACKEND`` at import, and Lightning writes its
-checkpoints to the working directory (here a temporary one)."""
+checkpoints to the working directory (here a temporary one). They print what their comments
+say they print: the process runs them with the checker of tests/core/test_docs.py, whose
+module docstring states the rule."""
 
 from __future__ import annotations
 
 import importlib.util
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -29,14 +30,23 @@ CASES = [
 ]
 
 
+# (tag, page) -> how many printed outputs its blocks compare; at least these many must be found
+EXPECTED_OUTPUTS = {("py-lightning", "integrations.md"): 3, ("py-keras", "integrations.md"): 2}
+CHECKER = Path(__file__).parents[1] / "core"
+
+
 def script(page: Path, tag: str) -> str:
-    """The page's blocks of ``tag``, each on its own lines of the page (for tracebacks)."""
-    text = page.read_text()
-    code = ""
-    for match in re.finditer(rf"```{tag}[^\n]*\n(.*?)```", text, flags=re.S):
-        line = text.count("\n", 0, match.start(1))
-        code += "\n" * (line - code.count("\n")) + match.group(1)
-    return code
+    """A script that runs the page's blocks of ``tag`` with the docs' checker."""
+    return (
+        "import sys\n"
+        f"sys.path.insert(0, {str(CHECKER)!r})\n"
+        "from pathlib import Path\n"
+        "from test_docs import blocks, run_blocks\n"
+        f"page = Path({str(page)!r})\n"
+        f"blocks = blocks(page.read_text(), {tag!r})\n"
+        "compared = run_blocks(blocks, str(page), {'__name__': '__main__'})\n"
+        "print('compared', compared)\n"
+    )
 
 
 @pytest.mark.parametrize(
@@ -63,7 +73,10 @@ def test_docs_blocks_run(tag: str, page: Path, backend: str | None, tmp_path: Pa
         timeout=600,
     )
     assert proc.returncode == 0, f"{page}:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    compared = int(proc.stdout.split()[-1])
+    assert compared >= EXPECTED_OUTPUTS[tag, page.name], proc.stdout
 
 
 def test_every_tag_has_blocks() -> None:
     assert {tag for tag, _, _ in CASES} == set(TAGS)
+    assert {(tag, page.name) for tag, page, _ in CASES} == set(EXPECTED_OUTPUTS)
