@@ -1425,6 +1425,11 @@ class ExponentialMovingAverage:
     def variables_to_restore(self) -> dict[str, Any]:
         """Map each average's name to the live object it shadows (for restoring averages).
 
+        As TensorFlow's: an averaged leaf is under its average's name (`average_name`), a
+        leaf that is copied, not averaged (a module's buffer or frozen parameter), under its
+        own name; each maps to the object last applied under that name. Leaves whose object
+        is gone (garbage-collected, or not applied since `load_state_dict`) are left out.
+
         Examples
         --------
         >>> import numpy as np
@@ -1433,13 +1438,17 @@ class ExponentialMovingAverage:
         >>> ema.apply(params)
         >>> list(ema.variables_to_restore())
         ['w/ExponentialMovingAverage']
+        >>> ema.variables_to_restore()["w/ExponentialMovingAverage"] is params["w"]
+        True
         """
         out: dict[str, Any] = {}
         for nm in self._order:
             ref = self._refs.get(nm) or self._seen.get(nm)
             obj = ref() if ref is not None else None
             if obj is not None:
-                out[f"{nm}/{self._name}{self._suffix()}"] = obj
+                # TF restores variables without a moving average under their own names
+                key = nm if nm in self._copies else f"{nm}/{self._name}{self._suffix()}"
+                out[key] = obj
         return out
 
     # -- state dicts -----------------------------------------------------------------------
@@ -1521,15 +1530,16 @@ class ExponentialMovingAverage:
         Raises
         ------
         StateDictError
-            ``state`` is malformed, was saved with another ``zero_debias``/``compat``, or (with
+            ``state`` is malformed (a field missing or unknown, of the wrong type or out of
+            range, a shadow not a floating array: the checks a checkpoint file passes, naming
+            the field), was saved with another ``zero_debias``/``compat``, or (with
             ``strict``) its leaves differ from the tracked ones. Nothing changes then.
         """
         self._sync()
+        # every field checked (the same checks as a checkpoint file's), before any change
         leaves = parse_leaves(state, self._zero_debias, self._compat, self.profiles)
         loaded_copies = parse_copies(state)
-        calls = state.get("calls", 0)  # apply() calls so far, for update_every
-        if isinstance(calls, bool) or not isinstance(calls, int) or calls < 0:
-            raise StateDictError(f"'calls' must be an int >= 0, got {calls!r}")
+        calls = int(state.get("calls", 0))  # apply() calls so far, for update_every
         current = set(self._where) | set(self._copies)
         saved = set(leaves) | set(loaded_copies)
         missing = sorted(current - saved) if current else []

@@ -22,7 +22,7 @@ from typing import Any
 
 from emacore._ema import ExponentialMovingAverage
 from emacore._precision import dtype_label
-from emacore._state_dict import LoadResult
+from emacore._state_dict import LoadResult, check_options, check_state
 from emacore.errors import StateDictError
 
 __all__ = ["load_into", "save"]
@@ -136,6 +136,10 @@ def load_into(
         if not isinstance(meta, Mapping) or not isinstance(meta.get("arrays"), Mapping):
             raise StateDictError(f"{path} is not an emacore orbax checkpoint")
         keys: Mapping[str, str] = meta["arrays"]
+        # the one validation of a state dict's fields (a file's, load_state_dict's), and the
+        # EMA's options, before any array is read
+        check_state(meta.get("state"))
+        check_options(meta["state"], ema.zero_debias, ema.compat, ema.profiles)
         current: dict[str, Any] = {}
         _split(ema.state_dict(), "", current)
         missing = sorted(p for p in keys if p not in current)
