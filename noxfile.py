@@ -39,16 +39,22 @@ def _has_gpu() -> bool:
 
 
 @nox.session(python=PY)
-@nox.parametrize("backend", list(BACKEND_DEPS))
+@nox.parametrize("backend", [*BACKEND_DEPS, "jax_x32"])
 def tests(session: nox.Session, backend: str) -> None:
-    """The test suite, with the conformance suite run on one backend per session."""
+    """The test suite, with the conformance suite run on one backend per session.
+
+    ``jax_x32`` runs jax's conformance again in a process without ``jax_enable_x64`` (as most
+    users run it; the ``jax`` session turns it on for the float64 cases): every case that needs
+    no 64-bit dtype runs there in float32.
+    """
+    env = {"EMACORE_TEST_BACKENDS": backend, "EMACORE_REQUIRE_PLUGIN": "1"}
+    paths: list[str] = []
+    if backend == "jax_x32":
+        backend, paths = "jax", ["tests/conformance"]
+        env.update(EMACORE_TEST_BACKENDS="jax", EMACORE_JAX_X64="0")
     session.install("-e", ".", *TEST_DEPS, *BACKEND_DEPS[backend])
     session.install(PLUGIN_PKG)
-    session.run(
-        "pytest",
-        *session.posargs,
-        env={"EMACORE_TEST_BACKENDS": backend, "EMACORE_REQUIRE_PLUGIN": "1"},
-    )
+    session.run("pytest", *paths, *session.posargs, env=env)
 
 
 # The Lightning packages and torchmetrics require torch: installed without their dependencies so

@@ -30,6 +30,7 @@ class Lib:
     dtype: Callable[[str], Any]
     device_of: Callable[[Any], Any]
     set_value: Callable[[Any, np.ndarray], Any]  # returns the array to use from then on
+    float64: bool = True  # False: jax without jax_enable_x64
 
     def __repr__(self) -> str:
         return f"Lib({self.name})"
@@ -102,11 +103,40 @@ def _torch_lib() -> Lib:
     )
 
 
+# jax runs its conformance twice, in separate processes (`nox -s tests(jax)` and
+# `tests(jax_x32)`): with jax_enable_x64, for the float64 cases, and without it, as most users
+# run. Without x64 jax has no 64-bit dtypes: a test that makes a float64 (or int64) array or
+# asks for the float64 dtype skips, saying the x64 process runs it; the rest run in float32.
+JAX_X64_ENV = "EMACORE_JAX_X64"
+_WIDE = ("float64", "complex128", "int64", "uint64")
+
+
+def _jax_x64() -> bool:
+    flag = os.environ.get(JAX_X64_ENV, "1")
+    if flag not in ("0", "1"):
+        raise pytest.UsageError(f"{JAX_X64_ENV} must be 0 or 1, got {flag!r}")
+    return flag == "1"
+
+
+def _needs_x64(dtype: str) -> None:
+    if dtype in _WIDE and not _jax_x64():
+        pytest.skip(f"{dtype} needs jax_enable_x64: the x64 jax session runs this case")
+
+
 def _jax_lib() -> Lib:
     jax = importlib.import_module("jax")
-    jax.config.update("jax_enable_x64", True)  # the float64 cases
+    jax.config.update("jax_enable_x64", _jax_x64())
     jnp = importlib.import_module("jax.numpy")
     device = jax.devices()[0]
+
+    def make(a: Any) -> Any:
+        host = np.array(a, copy=True)
+        _needs_x64(host.dtype.name)
+        return jnp.asarray(host)
+
+    def dtype(name: str) -> Any:
+        _needs_x64(np.dtype(name).name)
+        return jnp.dtype(name)
 
     return Lib(
         name="jax",
@@ -114,11 +144,12 @@ def _jax_lib() -> Lib:
         xp=jnp,
         device=device,
         mutable=False,
-        make=lambda a: jnp.asarray(np.array(a, copy=True)),
+        make=make,
         read=lambda x: np.array(x, copy=True),
-        dtype=lambda name: jnp.dtype(name),
+        dtype=dtype,
         device_of=lambda x: next(iter(x.devices())),
         set_value=lambda x, v: jnp.asarray(np.asarray(v), dtype=x.dtype),  # a new array
+        float64=_jax_x64(),
     )
 
 

@@ -185,6 +185,7 @@ def shadow_dtypes(
             target = getattr(xp, policy) if isinstance(policy, str) else policy
             if not xp.isdtype(target, "real floating"):
                 raise LeafDTypeError(f"shadow_dtype must be a floating dtype, got {policy!r}")
+            _check_available(xp, target, policy, backend)
             if target != x.dtype and not widens(xp, x.dtype, target):
                 raise LeafDTypeError(
                     f"shadow_dtype {policy!r} cannot hold a {x.dtype} parameter exactly; "
@@ -192,6 +193,20 @@ def shadow_dtypes(
                 )
             out.append(None if target == x.dtype else target)
     return out
+
+
+def _check_available(xp: Any, target: Any, policy: Any, backend: Backend) -> None:
+    """Refuse a shadow dtype the namespace does not offer now (a cast would narrow silently)."""
+    info = getattr(xp, "__array_namespace_info__", None)  # the standard's 2023.12 inspection
+    if info is None:
+        return
+    offered = list(info().dtypes(kind="real floating").values())
+    if target not in offered:
+        raise LeafDTypeError(
+            f"shadow_dtype {policy!r}: backend {backend.name!r} offers no {target} arrays here "
+            f"(its floating dtypes: {[str(d) for d in offered]}); jax has float64 only with "
+            "jax_enable_x64 on"
+        )
 
 
 def _show(value: Any) -> str:

@@ -251,7 +251,7 @@ def test_float64_shadows_for_float32_parameters(lib: Any) -> None:
     rng = np.random.default_rng(5)
     values = [rng.standard_normal(4).astype(np.float32) for _ in range(8)]
     w = lib.make(values[0])
-    ema = emacore.EMA(0.9, shadow_dtype="float64")
+    ema = emacore.EMA(0.9, shadow_dtype=lib.dtype("float64"))
     for v in values:
         w = lib.set_value(w, v)
         ema.apply([w])
