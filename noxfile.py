@@ -57,6 +57,20 @@ def tests(session: nox.Session, backend: str) -> None:
     session.run("pytest", *paths, *session.posargs, env=env)
 
 
+@nox.session(python=PY)
+def fuzz_long(session: nox.Session) -> None:
+    """The checkpoint fuzzers at length: 5,000 random examples each under the "fuzz-long"
+    hypothesis profile (not a default session: run it before a release). A failure prints the
+    blob that reproduces it."""
+    session.install("-e", ".", *TEST_DEPS)
+    session.run(
+        "pytest",
+        "tests/core/test_checkpoint_fuzz.py",
+        *session.posargs,
+        env={"HYPOTHESIS_PROFILE": "fuzz-long", "EMACORE_TEST_BACKENDS": "numpy"},
+    )
+
+
 # The Lightning packages and torchmetrics require torch: installed without their dependencies so
 # pip never replaces the pinned CPU build (a resolver free to satisfy `torch>=2.1` may fetch a
 # multi-GB CUDA one). Their other requirements are installed explicitly (fsspec without its

@@ -173,3 +173,19 @@ def requested_backends() -> list[str]:
 @pytest.fixture(params=requested_backends(), scope="session")
 def lib(request: pytest.FixtureRequest) -> Lib:
     return _LIBS[request.param]()
+
+
+# --- hypothesis profiles ---
+# HYPOTHESIS_PROFILE picks one; "ci", the default everywhere, is derandomized (a failure in CI
+# reproduces on any machine) and has no deadline (CI machines are slow and shared). "fuzz-long"
+# explores: random, and the checkpoint fuzzers draw max_examples from it (the nox session
+# "fuzz_long"). Tests that pin max_examples keep their own counts under every profile.
+from hypothesis import settings as _hypothesis_settings  # noqa: E402
+
+_hypothesis_settings.register_profile("ci", derandomize=True, deadline=None, database=None)
+_hypothesis_settings.register_profile("dev", deadline=None)  # random, for local exploration
+_hypothesis_settings.register_profile(
+    "fuzz-long", deadline=None, max_examples=5_000, database=None, print_blob=True
+)
+_hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+# --- end hypothesis profiles ---

@@ -48,7 +48,15 @@ from emacore._debias import COMPAT_MODES
 from emacore._ema import ExponentialMovingAverage
 from emacore._precision import dtype_label
 from emacore._state import EMAState
-from emacore._state_dict import _IDENTITY, _NAME, _POSITION, STATE_FORMAT, STATE_VERSION, LoadResult
+from emacore._state_dict import (
+    _IDENTITY,
+    _NAME,
+    _POSITION,
+    STATE_FORMAT,
+    STATE_VERSION,
+    LoadResult,
+    check_state,
+)
 from emacore.errors import StateDictError
 
 __all__ = [
@@ -468,6 +476,11 @@ def _is_int(x: Any, minimum: int | None = None) -> bool:
     return ok and (minimum is None or x >= minimum)
 
 
+def _is_shape(x: Any) -> bool:
+    """A list of at most ``_MAX_NDIM`` ints >= 0 (JSON ``true`` is no size: ``True == 1``)."""
+    return isinstance(x, list) and len(x) <= _MAX_NDIM and all(_is_int(d, 0) for d in x)
+
+
 def _read(path: str | os.PathLike[str]) -> _Checkpoint:
     """Open ``path`` and check everything but the array values."""
     path = os.fspath(path)
@@ -569,24 +582,23 @@ def _check(
 def _check_state(
     state: dict[str, Any], bad: Callable[[str], CheckpointError]
 ) -> dict[str, tuple[dict[str, Any], str | None]]:
-    """Check the state dict's fields that emacore reads; return its references by name."""
-    if state.get("format") != STATE_FORMAT:
-        raise bad(f"the state's format is {state.get('format')!r}, expected {STATE_FORMAT!r}")
-    if not isinstance(state.get("zero_debias"), bool):
-        raise bad(f"'zero_debias' must be true or false, got {state.get('zero_debias')!r}")
-    if state.get("compat") not in COMPAT_MODES:
-        raise bad(f"'compat' must be one of {COMPAT_MODES}, got {state.get('compat')!r}")
-    leaves, copies = state.get("leaves"), state.setdefault("copies", {})
-    if not isinstance(leaves, dict) or not isinstance(copies, dict):
-        raise bad("the state's 'leaves' and 'copies' must be objects")
-    both = sorted(set(leaves) & set(copies))
-    if both:
-        raise bad(f"leaves {both[:10]} are both averaged and copied")
+    """Check the state dict's fields that emacore reads; return its references by name.
+
+    Every field but the arrays is checked by `emacore._state_dict.check_state`, the one
+    validation `load_state_dict` runs too; here, that each array is a reference to one.
+    """
+    try:
+        state["leaves"] = check_state(state)  # typed: counters as Python numbers
+    except StateDictError as exc:
+        raise bad(str(exc)) from None
+    leaves, copies = state["leaves"], state.setdefault("copies", {})
     refs: dict[str, tuple[dict[str, Any], str | None]] = {}
     for nm, rec in leaves.items():
-        if not isinstance(rec, dict) or not _is_ref(rec.get("shadow")):
+        if not _is_ref(rec["shadow"]):
             raise bad(f"leaf {nm!r} has no 'shadow' array")
-        _check_counters(rec, nm, bad)
+        for name, lane in rec.get("profiles", {}).items():
+            if not _is_ref(lane["shadow"]):
+                raise bad(f"leaf {nm!r}: profile {name!r} has no 'shadow' array")
         for ref in _refs(rec):
             # an average of integers is no average (a dtype no array may have: `_add_ref`)
             if ref.get("dtype") in _DTYPES and ref.get("dtype") not in _FLOATING:
@@ -604,32 +616,6 @@ def _check_state(
             for ref in _refs(value):
                 _add_ref(refs, ref, None, bad)
     return refs
-
-
-def _check_counters(rec: dict[str, Any], nm: str, report: Callable[[str], CheckpointError]) -> None:
-    def bad(msg: str) -> CheckpointError:
-        return report(f"leaf {nm!r}: {msg}")
-
-    count = rec.get("count")
-    if not _is_int(count, 0):
-        raise bad(f"count must be an integer >= 0, got {count!r}")
-    for key in ("decay_product", "last_decay"):
-        value = rec.get(key)
-        if (
-            not isinstance(value, (int, float))
-            or isinstance(value, bool)
-            or not math.isfinite(value)
-            or not 0.0 <= value <= 1.0
-        ):
-            raise bad(f"{key} must be a number in [0, 1], got {value!r}")
-        rec[key] = float(value)
-    if rec.get("keyed_by") not in _KEYED_BY:
-        raise bad(f"keyed_by must be one of {_KEYED_BY}, got {rec.get('keyed_by')!r}")
-    for key in ("position", "order"):
-        value = rec.get(key)
-        if value is not None and not _is_int(value, 0):
-            raise bad(f"{key} must be null or an integer >= 0, got {value!r}")
-    rec.setdefault("position", None)
 
 
 def _is_ref(x: Any) -> bool:
@@ -659,11 +645,7 @@ def _add_ref(
         raise bad(f"malformed array reference {str(ref)[:100]}")
     if dtype not in _DTYPES:
         raise bad(f"array {name!r}: dtype must be one of {_DTYPES}, got {dtype!r}")
-    if (
-        not isinstance(shape, list)
-        or len(shape) > _MAX_NDIM
-        or not all(_is_int(d, 0) for d in shape)
-    ):
+    if not _is_shape(shape):
         raise bad(f"array {name!r}: shape must be at most {_MAX_NDIM} sizes >= 0, got {shape!r}")
     if name in refs:
         raise bad(f"two arrays are stored as {name!r}")
@@ -721,6 +703,12 @@ def _check_tensors(
         want = "float32" if ref["dtype"] == "bfloat16" else ref["dtype"]
         if stored != want:
             raise bad(f"tensor {nm!r} is stored as {code} but the metadata says {ref['dtype']}")
+        # checked on its own first: `[true, 2] == [1, 2]`, and a float size equals an int one
+        if not _is_shape(shape):
+            raise bad(
+                f"tensor {nm!r}: shape must be a list of at most {_MAX_NDIM} integers >= 0, got "
+                f"{shape!r}"
+            )
         if shape != ref["shape"]:
             raise bad(f"tensor {nm!r} has shape {shape!r} but the metadata says {ref['shape']}")
         if not (

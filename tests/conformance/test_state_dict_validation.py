@@ -63,7 +63,6 @@ class Case:
     # in a file, where arrays are references, the message may differ: it names the field too
     names: str | None = None
     in_file: bool = True  # False: the edit drops a stored array, which a file refuses as such
-    file_bug: str | None = None  # why the file path fails this case today (xfail, strict)
 
     def in_json(self) -> bool:
         """Whether the edit can be written into a checkpoint's JSON metadata."""
@@ -122,18 +121,13 @@ def _names(where: str, field: str) -> str:
     return rf"{where}.*\b{field}\b"
 
 
-# checkpoint.py's own counter check calls math.isfinite on the JSON number, which raises
-# OverflowError for an int past float's range; its check_state call (_state_dict) has none
-_OVERFLOW = "the file reader raises OverflowError on a huge JSON int (not via check_state yet)"
-
-
 def _fraction_cases(make: Callable[..., Case], field: str, where: str) -> list[Case]:
     match = rf"{where}: {field} must be a number in \[0, 1\]"
     values = [5.0, -0.5, 1.0000001, math.nan, math.inf, -math.inf, True, False, "0.5", None]
     values += [[0.5], np.array(0.5)]
     return [
         *[make(field, v, match) for v in values],
-        make(field, HUGE, match, file_bug=_OVERFLOW),
+        make(field, HUGE, match),
         make(
             field, DELETE, rf"{where}: the record has no \['{field}'\]", names=_names(where, field)
         ),
@@ -451,14 +445,7 @@ def _file_with(case: Case, lib: Any, path: Path) -> None:
 
 
 def _file_params(cases: list[Case]) -> list[Any]:
-    out = []
-    for param in _params_for([c for c in cases if c.in_json() and c.path]):
-        case = param.values[0]
-        if case.file_bug is not None:
-            xfail = pytest.mark.xfail(raises=OverflowError, strict=True, reason=case.file_bug)
-            param = pytest.param(*param.values, id=param.id, marks=xfail)
-        out.append(param)
-    return out
+    return _params_for([c for c in cases if c.in_json() and c.path])
 
 
 @pytest.mark.parametrize(("case", "tracked"), _file_params(CASES))
