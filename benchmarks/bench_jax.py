@@ -24,7 +24,14 @@ times, side by side in one run, one update step of:
 5. a floor: the same ``a + 0.001 * (b - a)``, jitted with ``a`` donated, over two flat float32
    arrays holding as many elements as the set has parameters. It moves the 12 bytes per
    parameter an update must move (read ``p``, read and write ``s``) in one compiled call over
-   one buffer, with no per-leaf dispatch, so it is about the floor of a step.
+   one buffer, with no per-leaf dispatch, so it is about the floor of a step;
+6. a copy: ``jax.jit(lambda dst, src: dst.at[:].set(src), donate_argnums=0)`` over flat arrays
+   of 1.5 floats a parameter, written into the donated ``dst``: the same 12 bytes, the
+   device's copy bandwidth (``x copy`` is the share of it a method reaches).
+
+``--device cuda`` (or ``gpu``) puts the parameters, every state and the floor and copy buffers
+on jax's first GPU device (``jax.devices("gpu")[0]``) instead of its first CPU device; the
+header names the device.
 
 Every step ends with ``jax.block_until_ready`` on the new state (jax dispatches
 asynchronously), so a sample is the time of the whole update. For the stateful EMA that state
@@ -54,6 +61,7 @@ freed in between.
 
 from __future__ import annotations
 
+import argparse
 import gc
 import itertools
 import os
@@ -99,10 +107,14 @@ FUNCTIONAL_PACKED = 'emacore `functional.update` in `jax.jit` (donated), `layout
 OPTAX = "optax `ema(debias=False).update` in `jax.jit` (donated)"
 HAND = "by hand `jax.jit(tree_map(lerp))` (donated)"
 FLOOR = "floor: one flat `a + w * (b - a)` (donated)"
+COPY = "copy: one flat `dst.at[:].set(src)` (donated), 12 bytes a parameter"
 
 EMACORE, PEER, BASELINE = "emacore", "peer", "baseline"
 
 Params = dict[str, jax.Array]
+
+# where everything runs (`--device`): jax's first device of that platform; CPU unless asked
+DEVICE: Any = None
 
 
 @dataclass(kw_only=True)
@@ -221,14 +233,32 @@ def by_hand(copies: Sequence[Params]) -> tuple[Contender, float]:
 
 def floor(total: int) -> tuple[Contender, float]:
     t0 = time.perf_counter()
-    a = jax.block_until_ready(jnp.zeros(total, jnp.float32))
-    b = jax.block_until_ready(jnp.ones(total, jnp.float32))
+    a = jax.block_until_ready(jnp.zeros(total, jnp.float32, device=DEVICE))
+    b = jax.block_until_ready(jnp.ones(total, jnp.float32, device=DEVICE))
     init_s = time.perf_counter() - t0
     fn = jax.jit(lambda a, b: a + WEIGHT * (b - a), donate_argnums=0)
     box = [a]
 
     def step() -> None:
         box[0] = fn(box[0], b)
+        box[0].block_until_ready()
+
+    return Contender(step, lambda: box[0]), init_s
+
+
+def copy_baseline(total: int) -> tuple[Contender, float]:
+    """A copy moving the 12 bytes a parameter an update moves: 1.5 floats read, 1.5 written
+    (into the donated destination, as the update writes its donated state)."""
+    n = total * 3 // 2
+    t0 = time.perf_counter()
+    dst = jax.block_until_ready(jnp.zeros(n, jnp.float32, device=DEVICE))
+    src = jax.block_until_ready(jnp.ones(n, jnp.float32, device=DEVICE))
+    init_s = time.perf_counter() - t0
+    fn = jax.jit(lambda dst, src: dst.at[:].set(src), donate_argnums=0)
+    box = [dst]
+
+    def step() -> None:
+        box[0] = fn(box[0], src)
         box[0].block_until_ready()
 
     return Contender(step, lambda: box[0]), init_s
@@ -241,7 +271,7 @@ def make_params(shapes: Sequence[tuple[int, ...]], seed: int, copy: int) -> Para
     """One pytree of the set's parameters (float32, standard normal)."""
     rng = np.random.default_rng([seed, copy])
     return {
-        f"{i:04d}": jax.device_put(rng.standard_normal(shape, dtype=np.float32))
+        f"{i:04d}": jax.device_put(rng.standard_normal(shape, dtype=np.float32), DEVICE)
         for i, shape in enumerate(shapes)
     }
 
@@ -268,6 +298,7 @@ def run_set(name: str, shapes: list[tuple[int, ...]], repeat: int, seed: int) ->
     ):
         made.append((label, role, *factory(copies)))
     made.append((FLOOR, BASELINE, *floor(total)))
+    made.append((COPY, BASELINE, *copy_baseline(total)))
 
     methods = []
     for label, role, contender, init_s in made:
@@ -298,11 +329,12 @@ def package_versions() -> str:
 
 def header(repeat: int, results: list[SetResult], loads: tuple[str, str]) -> list[str]:
     return [
-        "## emacore (jax backend, CPU) vs optax and hand-written jit: one update step "
-        f"(float32, decay {DECAY})",
+        f"## emacore (jax backend, {DEVICE.platform.upper()}) vs optax and hand-written jit: "
+        f"one update step (float32, decay {DECAY})",
         "",
         f"- machine: {machine()}, emacore {emacore.__version__}; {package_versions()}",
-        f"- jax devices: {', '.join(str(d) for d in jax.devices())}; "
+        f"- device: {DEVICE} ({DEVICE.device_kind}); jax devices: "
+        f"{', '.join(str(d) for d in jax.devices())}; "
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '(unset)')!r} (defaults kept)",
         "- sets: "
         + "; ".join(f"{r.name} ({r.tensors:,} tensors, {r.params:,} params)" for r in results),
@@ -313,6 +345,8 @@ def header(repeat: int, results: list[SetResult], loads: tuple[str, str]) -> lis
         "- x peer: time / the fastest peer's time on that set (below 1: faster); "
         "x floor: time / the flat floor's",
         f"- GB/s: {BYTES_PER_PARAM} bytes x parameters / median time",
+        "- x copy: the copy's time / the method's, that is the share of the copy bandwidth the "
+        "method reaches (both move 12 bytes a parameter)",
         "- init ms: creating the method's state, before its first call (stateful emacore: in "
         "its first call); first ms: the first call (trace, compile, one step); compile ms: "
         "first minus the median",
@@ -325,13 +359,14 @@ def header(repeat: int, results: list[SetResult], loads: tuple[str, str]) -> lis
 
 def results_table(results: list[SetResult]) -> list[str]:
     lines = [
-        "| set | method | median ms | p25-p75 ms | x peer | x floor | GB/s | init ms | "
+        "| set | method | median ms | p25-p75 ms | x peer | x floor | x copy | GB/s | init ms | "
         "first ms | compile ms | donated |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in results:
         fastest = r.fastest_peer()
         floor_time = r.by_label()[FLOOR].median
+        copy_time = r.by_label()[COPY].median
         for m in r.methods:
             lo, hi = m.quartiles()
             label = f"**{m.label}**" if m is fastest else m.label
@@ -340,7 +375,8 @@ def results_table(results: list[SetResult]) -> list[str]:
             donated = {None: "-", True: "yes", False: "NO"}[m.donated]
             lines.append(
                 f"| {r.name} | {label} | {fmt_ms(m.median)} | {fmt_ms(lo)}-{fmt_ms(hi)} | "
-                f"{m.median / fastest.median:.2f} | {m.median / floor_time:.2f} | {gbps:.1f} | "
+                f"{m.median / fastest.median:.2f} | {m.median / floor_time:.2f} | "
+                f"{copy_time / m.median:.2f} | {gbps:.1f} | "
                 f"{init} | {fmt_ms(m.first_s)} | {fmt_ms(m.first_s - m.median)} | {donated} |"
             )
     lines += ["", "The fastest peer of each set is in bold."]
@@ -374,10 +410,22 @@ def targets_table(results: list[SetResult]) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    global DEVICE
     shapes = load_sets()
-    args = parse_args(argv, (__doc__ or "").splitlines()[0], list(shapes), DEFAULT_REPEAT)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--device", default="cpu", help="cpu (default), cuda or gpu")
+    known, rest = pre.parse_known_args(argv)
+    platform = {"cuda": "gpu"}.get(known.device, known.device)
+    try:
+        DEVICE = jax.devices(platform)[0]
+    except RuntimeError as exc:
+        print(f"--device {known.device}: jax has no such device: {exc}", file=sys.stderr)
+        return 2
+    args = parse_args(rest, (__doc__ or "").splitlines()[0], list(shapes), DEFAULT_REPEAT)
 
-    jax.block_until_ready(jnp.ones(1) + 1)  # start the backend before any first call is timed
+    jax.block_until_ready(
+        jnp.ones(1, device=DEVICE) + 1
+    )  # start the backend before any first call is timed
     load_before = load_average()
     results = []
     for name in args.sets:

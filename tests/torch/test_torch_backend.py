@@ -681,13 +681,35 @@ def test_cuda_parameters_offloaded_to_pinned_host_memory() -> None:
         torch.testing.assert_close(model[0].weight.cpu(), avg["0.weight"])
 
 
+def _checked_on_cpu(checked: list[int]) -> Any:
+    """A stand-in for `TorchBackend.check_side_stream` on CPU: the real check refuses CPU
+    tensors, so this one asks the same thing of them with the device type left out (one
+    device), and counts the tensors it was asked about."""
+
+    def check(self: Any, params: Any) -> None:
+        devices = {p.device for p in params}
+        assert len(devices) == 1 and devices == {torch.device("cpu")}, devices
+        checked.append(len(params))
+
+    return check
+
+
 def test_side_stream_orders_updates_reads_and_optimizer_steps(monkeypatch: Any) -> None:
-    """The synchronisation protocol, on CPU with recorded streams (the CUDA test below runs
-    it for real): an update waits for the work queued before it, reads and optimizer steps
-    wait for the update, and the numbers are those of an update without a stream."""
+    """The synchronisation protocol, on CPU with recorded streams: an update waits for the
+    work queued before it, reads and optimizer steps wait for the update, and the numbers are
+    those of an update without a stream.
+
+    What this stand-in cannot check, and only the CUDA tests below do: that the real streams
+    and events order the kernels (here every call runs at once, on one thread), so a missing
+    wait shows only as a missing log entry, never as a wrong number; that ``record_stream``
+    keeps a freed tensor's memory from being reused while the side stream reads it; that the
+    real `check_side_stream` accepts the shadows of CUDA parameters (its CPU refusal is the
+    stand-in's only change: test_side_stream_check_on_devices checks the real one's logic).
+    """
     recorder = recorded_streams.Recorder()
     monkeypatch.setattr(torch_backend, "STREAMS", recorder)
-    monkeypatch.setattr(torch_backend.TorchBackend, "check_side_stream", lambda self, p: None)
+    checked: list[int] = []
+    monkeypatch.setattr(torch_backend.TorchBackend, "check_side_stream", _checked_on_cpu(checked))
     model = nn.Linear(300, 300)  # a large weight (90,000 elements) and a small bias
     plain = emacore.EMA(0.5)
     ema = emacore.EMA(0.5, side_stream=True)
@@ -719,6 +741,23 @@ def test_side_stream_orders_updates_reads_and_optimizer_steps(monkeypatch: Any) 
     plain.apply(model)
     for name, want in plain.average(model).items():
         torch.testing.assert_close(avg[name], want, rtol=0, atol=0)
+    assert checked and checked[0] == 2  # the check saw both shadows (weight and bias)
+
+
+def test_side_stream_check_on_devices() -> None:
+    """The real check, on stand-ins that have only a ``device`` (CPU torch makes no CUDA
+    tensor): one CUDA device is accepted; two, or CUDA beside CPU, are refused."""
+
+    class On:
+        def __init__(self, device: str) -> None:
+            self.device = torch.device(device)
+
+    check = torch_backend.TorchBackend().check_side_stream
+    check([On("cuda:0"), On("cuda:0")])
+    check([On("cuda:1")])
+    for devices in (["cuda:0", "cuda:1"], ["cuda:0", "cpu"], ["cpu"], ["meta"]):
+        with pytest.raises(ValueError, match="needs every parameter on one CUDA device"):
+            check([On(d) for d in devices])
 
 
 def test_side_stream_is_refused_where_there_are_no_streams() -> None:
@@ -733,17 +772,25 @@ def test_side_stream_is_refused_where_there_are_no_streams() -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 def test_side_stream_on_cuda_gives_the_numbers_of_the_plain_update() -> None:
+    """For real: the real check accepts the CUDA shadows, the update runs on a CUDA stream of
+    its own (not the current one), and the numbers equal the plain update's exactly."""
     torch.manual_seed(0)
     model = _model().cuda()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     side = emacore.EMA(0.9, side_stream=True)
     plain = emacore.EMA(0.9)
-    for _ in range(20):
+    assert torch_backend.STREAMS.__class__.__name__ == "_CudaStreams"  # no stand-in left over
+    for step in range(20):
         model(torch.randn(8, model[0].in_features, device="cuda")).square().mean().backward()
         opt.step()
         opt.zero_grad()
         side.apply(model)
         plain.apply(model)
+        if step == 0:
+            (group,) = side._groups.values()
+            stream = group.state.shadow.backend_data.side
+            assert isinstance(stream, torch.cuda.Stream), stream
+            assert stream != torch.cuda.current_stream(), "the update ran on the current stream"
     for name, want in plain.average(model).items():
         torch.testing.assert_close(side.average(model)[name], want, rtol=0, atol=0)
     with side.swapped(model):
