@@ -133,14 +133,21 @@ class ArrayAPIBackend:
             ) from exc
 
     def assign(self, dst: Any, src: Any) -> None:
-        """Write ``src`` into ``dst`` with ``dst[...] = src``; refused for immutable arrays."""
+        """Write ``src`` into ``dst`` (``dst[...] = src``), cast to ``dst``'s dtype.
+
+        A shadow may be wider than its parameter, and the standard does not cast in a setitem.
+        Refused for immutable arrays.
+        """
         if not self.capabilities.mutable_arrays:
             raise ImmutableArrayError(
                 f"backend {self.name!r}: its arrays are immutable, so averages cannot be "
                 "written into them in place (copy_to, swapped, store/restore); use "
                 "ema.average(params) and pass the averages on instead"
             )
-        dst[...] = self.to_device(src, self.device(dst))
+        src = self.to_device(src, self.device(dst))
+        if src.dtype != dst.dtype:
+            src = self.namespace(dst).astype(src, dst.dtype)
+        dst[...] = src
 
     def named_leaves(self, obj: Any) -> list[tuple[str, Any, str]] | None:
         """The generic backend knows no framework containers."""

@@ -291,23 +291,9 @@ def test_shadow_dtype_of_float32_parameters(lib: Any, policy: str) -> None:
 # copy_to / swapped / store: they write the reported (debiased) average, at the live dtype
 
 
-def test_evaluation_writes_the_debiased_average_of_a_wider_shadow(
-    lib: Any, request: pytest.FixtureRequest
-) -> None:
+def test_evaluation_writes_the_debiased_average_of_a_wider_shadow(lib: Any) -> None:
     """copy_to, swapped and store/restore write what `average` reports: the debiased
     average, cast to the live array's dtype (a float64 shadow into a float32 parameter)."""
-    if lib.backend == "array_api":
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                raises=TypeError,
-                reason="bug: ArrayAPIBackend.assign (src/emacore/_generic.py) writes "
-                "dst[...] = src without casting to dst's dtype, so a shadow wider than its "
-                "parameter (shadow_dtype='float64', or the default float32 shadow of a "
-                "16-bit parameter) cannot be swapped or copied in: array-api-strict raises "
-                "'mismatched dtypes'",
-            )
-        )
     values = _values(4, shape=(5,), dtype="float32", seed=7)
     ema = emacore.EMA(0.6, zero_debias=True, shadow_dtype=lib.dtype("float64"))
     params = {"w": lib.make(values[0])}
