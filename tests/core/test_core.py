@@ -77,6 +77,11 @@ def test_import_pulls_in_no_framework() -> None:
     )
     env = {"EMACORE_DISABLE_PLUGIN_AUTOLOAD": "1", "PATH": ""}
     out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
+        timeout=120,
     )
     assert out.stdout.strip() == "", f"import emacore imported {out.stdout.strip()}"

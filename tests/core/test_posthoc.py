@@ -50,7 +50,12 @@ def test_import_pulls_in_no_array_library() -> None:
     )
     env = {"EMACORE_DISABLE_PLUGIN_AUTOLOAD": "1", "PATH": ""}
     out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
+        timeout=120,
     )
     assert out.stdout.strip() == ""
 
