@@ -76,6 +76,21 @@ def fuzz_long(session: nox.Session) -> None:
     )
 
 
+@nox.session(python=PY)
+def mutate(session: nox.Session) -> None:
+    """Mutation testing (tools/mutate.py): plant mutants in the core modules and run the fast
+    tests (numpy) against each; writes build/mutation-report.md. Not a default session: every
+    mutant takes an hour or more, so pass e.g. ``-- --sample 12 --seed 1`` or ``--modules``."""
+    session.install("-e", ".", *TEST_DEPS)
+    session.install(PLUGIN_PKG)
+    session.run(
+        "python",
+        "tools/mutate.py",
+        *session.posargs,
+        env={"EMACORE_TEST_BACKENDS": "numpy", "EMACORE_REQUIRE_PLUGIN": "1"},
+    )
+
+
 # The Lightning packages and torchmetrics require torch: installed without their dependencies so
 # pip never replaces the pinned CPU build (a resolver free to satisfy `torch>=2.1` may fetch a
 # multi-GB CUDA one). Their other requirements are installed explicitly (fsspec without its
