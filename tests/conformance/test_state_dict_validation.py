@@ -461,3 +461,12 @@ def test_the_same_edit_in_a_checkpoint_file_is_refused_alike(
     with pytest.raises(emacore.StateDictError, match=case.names or case.match):
         emacore.load_into(ema, path, xp=lib.xp, device=lib.device)
     assert _frozen(lib, ema.state_dict()) == before
+
+
+def test_the_state_dict_says_its_format_and_version(lib: Any) -> None:
+    """The format's name and version are written as DESIGN.md gives them (save and load agree
+    with each other whatever they are, so only a golden value tells a changed one)."""
+    ema = emacore.EMA(0.9)
+    ema.apply({"w": lib.make(np.zeros(2, np.float32))})
+    state = ema.state_dict()
+    assert (state["format"], state["version"]) == ("emacore.ExponentialMovingAverage", 1)

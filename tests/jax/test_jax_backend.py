@@ -194,6 +194,48 @@ def test_a_float32_traceable_state_debiases_with_the_coefficient_it_applied() ->
     assert out.stdout.strip() == "ok"
 
 
+def test_a_skipped_traced_step_keeps_a_float32_states_debias() -> None:
+    """Without x64 a traceable zero_debias state carries ``debias``; a step skipped on device
+    (nonfinite='skip' under jit) keeps it, as every other counter, unchanged."""
+    code = textwrap.dedent(
+        """
+        import numpy as np, jax, jax.numpy as jnp
+        from emacore import functional as F
+        assert not jax.config.jax_enable_x64
+        state = F.init({"w": jnp.zeros(2)}, traceable=True, zero_debias=True)
+        step = jax.jit(lambda st, x: F.update(st, {"w": x}, 0.9, nonfinite="skip"))
+        state = step(state, jnp.asarray([1.0, 2.0]))
+        before = {k: np.asarray(getattr(state, k)) for k in ("count", "decay_product", "debias")}
+        shadow = np.asarray(state.shadow["w"])
+        state = step(state, jnp.asarray([np.nan, 2.0]))
+        for k, v in before.items():
+            np.testing.assert_array_equal(np.asarray(getattr(state, k)), v, err_msg=k)
+        np.testing.assert_array_equal(np.asarray(state.shadow["w"]), shadow)
+        np.testing.assert_allclose(np.asarray(F.average(state)["w"]), [1.0, 2.0], rtol=1e-6)
+        print("ok")
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "JAX_ENABLE_X64"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "ok"
+
+
+@pytest.mark.parametrize(
+    ("traceable", "inplace"), [(False, False), (True, True)], ids=["concrete-counters", "inplace"]
+)
+def test_a_traced_skip_needs_a_traceable_state_updated_out_of_place(
+    traceable: bool, inplace: bool
+) -> None:
+    state = F.init({"w": jnp.zeros(2)}, traceable=traceable)
+    # closed over, not an argument: jit would trace Python counters into arrays otherwise
+    step = jax.jit(lambda x: F.update(state, {"w": x}, 0.9, nonfinite="skip", inplace=inplace))
+    with pytest.raises(ValueError, match="needs a traceable state"):
+        step(jnp.ones(2))
+
+
 def test_bfloat16_parameters_get_float32_shadows() -> None:
     params = {"w": jnp.ones(8, jnp.bfloat16)}
     ema = emacore.EMA(0.999)
