@@ -15,7 +15,7 @@ import os
 import sys
 import traceback
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 BACKEND = sys.argv[1] if __name__ == "__main__" else os.environ.get("KERAS_BACKEND", "")
@@ -24,13 +24,13 @@ os.environ["KERAS_BACKEND"] = BACKEND
 import keras  # noqa: E402 (KERAS_BACKEND must be set first)
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from ema_reference import Snapshot, ema_reference  # noqa: E402 (beside this script)
 
 from emacore.errors import EMAWarning, NonFiniteError  # noqa: E402
 from emacore.integrations.keras import EMACallback  # noqa: E402
 
 DECAY = 0.6
 STEPS = 6
-Snapshot = dict[str, np.ndarray]
 CHECKS: dict[str, Callable[[], None]] = {}
 # checks that need a dtype the backend lacks (jax without x64 has no float64)
 BACKENDS_OF = {"shadow_dtype_float64": ("torch", "numpy")}
@@ -61,38 +61,6 @@ def snapshot(model: Any) -> Snapshot:
 
 def as_numpy(tree: dict[str, Any]) -> Snapshot:
     return {k: to_numpy(v) for k, v in tree.items()}
-
-
-def ema_reference(
-    stepped: Sequence[Snapshot],
-    decays: Sequence[float],
-    keys: Sequence[str] | None = None,
-    *,
-    zero_debias: bool = False,
-) -> Snapshot:
-    """The float64 EMA of ``keys`` (default: all) over ``stepped``, the others as last seen.
-
-    The first update makes the average the weights (``zero_debias``: the shadow starts at zero
-    and every update divides by ``1 - Π d``); then ``s ← s − (1 − d)(s − w)``, ``decays[i]``
-    at the update of ``stepped[i]``.
-    """
-    assert len(decays) == len(stepped)
-    keys = list(stepped[0]) if keys is None else keys
-    shadow: Snapshot = {}
-    product = 1.0
-    for i, (d, weights) in enumerate(zip(decays, stepped)):
-        for k in keys:
-            if i == 0 and not zero_debias:
-                shadow[k] = weights[k]
-            else:
-                previous = shadow.get(k, np.zeros_like(weights[k]))
-                shadow[k] = previous - (1 - d) * (previous - weights[k])
-        if i > 0 or zero_debias:
-            product *= d
-    out = dict(stepped[-1])
-    for k in keys:
-        out[k] = shadow[k] / (1 - product) if zero_debias else shadow[k]
-    return out
 
 
 def assert_close(actual: Snapshot, expected: Snapshot, rtol: float = 1e-5) -> None:

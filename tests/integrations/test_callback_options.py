@@ -23,6 +23,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+sys.path.insert(0, str(Path(__file__).parent))  # --import-mode=importlib: the shared reference
+from ema_reference import Snapshot, ema_reference
+
 REQUIRED = os.environ.get("EMACORE_TEST_INTEGRATIONS", "")
 
 # -- Keras: the checks run in subprocesses, one per Keras backend ------------------------------
@@ -132,42 +135,10 @@ lightning_warnings = pytest.mark.filterwarnings("ignore:.*LeafSpec.*is deprecate
 DECAY = 0.6
 STEPS = 8  # two epochs of four optimizer steps (8 samples in batches of 2)
 PARAMS = ("net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias")
-Snapshot = dict[str, np.ndarray]
 
 
 def snapshot(module: Any) -> Snapshot:
     return {k: v.detach().double().numpy().copy() for k, v in module.state_dict().items()}
-
-
-def ema_reference(
-    stepped: Sequence[Snapshot],
-    decays: Sequence[float],
-    keys: Sequence[str],
-    *,
-    zero_debias: bool = False,
-) -> Snapshot:
-    """The float64 EMA of ``keys`` over ``stepped``, the other entries as in the last snapshot.
-
-    The first update makes the average the weights themselves (``zero_debias``: it starts the
-    shadow at zero, and every update divides by ``1 - Π d``); then
-    ``s ← s − (1 − d)(s − w)`` with ``decays[i]`` at the update of ``stepped[i]``.
-    """
-    assert len(decays) == len(stepped)
-    shadow: Snapshot = {}
-    product = 1.0
-    for i, (d, weights) in enumerate(zip(decays, stepped)):
-        for k in keys:
-            if i == 0 and not zero_debias:
-                shadow[k] = weights[k]
-            else:
-                previous = shadow.get(k, np.zeros_like(weights[k]))
-                shadow[k] = previous - (1 - d) * (previous - weights[k])
-        if i > 0 or zero_debias:
-            product *= d
-    out = dict(stepped[-1])
-    for k in keys:
-        out[k] = shadow[k] / (1 - product) if zero_debias else shadow[k]
-    return out
 
 
 def assert_snapshot_close(actual: Snapshot, expected: Snapshot, rtol: float = 1e-6) -> None:

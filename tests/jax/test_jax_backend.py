@@ -157,6 +157,17 @@ def test_averages_and_state_dicts_read_before_an_update_outlive_its_donation(
     np.testing.assert_array_equal(np.asarray(ema.average(params)["big"]), start["big"] + 1.0)
 
 
+def _run_without_x64(code: str) -> None:
+    """Run ``code`` in a process with jax_enable_x64 off (this session turns it on); it prints
+    "ok" when its checks pass."""
+    env = {k: v for k, v in os.environ.items() if k != "JAX_ENABLE_X64"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "ok"
+
+
 def test_a_float32_traceable_state_debiases_with_the_coefficient_it_applied() -> None:
     """Without jax_enable_x64 (a subprocess: this session turns it on) a traceable state's
     counters are float32; the debias must still be exact to float32 rounding, not carry the
@@ -186,12 +197,7 @@ def test_a_float32_traceable_state_debiases_with_the_coefficient_it_applied() ->
         print("ok")
         """
     )
-    env = {k: v for k, v in os.environ.items() if k != "JAX_ENABLE_X64"}
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.strip() == "ok"
+    _run_without_x64(code)
 
 
 def test_a_skipped_traced_step_keeps_a_float32_states_debias() -> None:
@@ -215,12 +221,7 @@ def test_a_skipped_traced_step_keeps_a_float32_states_debias() -> None:
         print("ok")
         """
     )
-    env = {k: v for k, v in os.environ.items() if k != "JAX_ENABLE_X64"}
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.strip() == "ok"
+    _run_without_x64(code)
 
 
 @pytest.mark.parametrize(
