@@ -188,3 +188,19 @@ def test_inplace_writes_the_shadows_it_was_given(lib: Any, inplace: bool) -> Non
         assert old.is_deleted()  # donated to the compiled update: no second copy
     else:  # the input state is left as it was
         np.testing.assert_array_equal(lib.read(old), VALUES[0])
+
+
+def test_nonfinite_ignore_lets_nan_and_inf_through(lib: Any) -> None:
+    """The default checks nothing: the update runs, and a NaN or an infinity reaches its own
+    elements of the shadow (NaN or infinite: an infinity's result is the backend's arithmetic,
+    torch's lerp makes it NaN), while the others move as usual."""
+    bad = VALUES[1].copy()
+    bad[1], bad[2] = np.nan, np.inf
+    for kwargs in ({}, {"nonfinite": "ignore"}):
+        state = F.init({"w": lib.make(VALUES[0])})
+        state = F.update(state, {"w": lib.make(bad)}, 0.5, **kwargs)
+        got = lib.read(F.average(state)["w"])
+        assert not np.isfinite(got[1:3]).any(), got
+        want = _reference([0.5])
+        np.testing.assert_allclose(got[[0, 3]], want[[0, 3]], rtol=1e-6)
+        assert int(state.count) == 1
