@@ -176,7 +176,7 @@ class _ModuleCache:
     copy_idx: list[int]
     copy_names: list[str]
     copy_backends: list[Backend]
-    snapshot: Callable[[Any], tuple[Any, list[Any]]] | None = None
+    snapshot: Callable[[Any], tuple[Any, list[Any]] | None] | None = None
     snap_key: Any = None
     snap_avg: list[int] = field(default_factory=list)
     snap_copy: list[int] = field(default_factory=list)
@@ -545,9 +545,11 @@ class ExponentialMovingAverage:
         if cached is not None and cached.snapshot is not None and id(var_list) == cached.module:
             # the same model, its tensors and their roles unchanged (the backend's cheap
             # snapshot says so): no walk by name
-            key, tensors = cached.snapshot(var_list)
+            snap = cached.snapshot(var_list)
+            tensors = snap[1] if snap is not None else []
             if (
-                key == cached.snap_key
+                snap is not None
+                and snap[0] == cached.snap_key
                 and [tensors[i].requires_grad for i in cached.snap_watch] == cached.snap_grads
             ):
                 avg = [tensors[i] for i in cached.snap_avg]
@@ -685,10 +687,11 @@ class ExponentialMovingAverage:
                 copy_names,
                 copy_backends,
             )
-            snapshot = getattr(_plugins.get_registry().container_backend(module), "snapshot", None)
-            if snapshot is not None:
-                cache.snapshot = snapshot
-                cache.snap_key, tensors = snapshot(module)
+            backend = _plugins.get_registry().container_backend(module)
+            snap = backend.snapshot(module) if backend is not None else None
+            if backend is not None and snap is not None:
+                cache.snapshot = backend.snapshot
+                cache.snap_key, tensors = snap
                 at: dict[int, int] = {}
                 for i, t in enumerate(tensors):
                     at.setdefault(id(t), i)
@@ -977,25 +980,20 @@ class ExponentialMovingAverage:
         raise _Skipped
 
     def _check_side_stream(self, leaves: list[Any], backends: list[Backend]) -> None:
-        for backend in dict.fromkeys(backends):
-            check = getattr(backend, "check_side_stream", None)
-            if check is None:
-                raise ValueError(
-                    f"side_stream=True: backend {backend.name!r} has no streams (torch on CUDA has)"
-                )
         if len(set(backends)) > 1:
+            for backend in dict.fromkeys(backends):
+                backend.check_side_stream([])  # a backend without streams refuses first
             raise ValueError("side_stream=True needs every leaf of one backend")
         if leaves:
-            backends[0].check_side_stream(leaves)  # type: ignore[attr-defined]
+            backends[0].check_side_stream(leaves)
 
     def _sync(self) -> None:
         """Wait (on the device) for updates still running on a side stream."""
         if not self._side_stream:
             return
         for group in self._groups.values():
-            wait = getattr(group.single, "wait", None)
-            if wait is not None:
-                wait(group.state.shadow)
+            if group.single is not None:
+                group.single.wait(group.state.shadow)
 
     def _display(self, name: Any, i: int) -> str:
         return name if isinstance(name, str) else f"new array #{i} of the list"
@@ -1128,8 +1126,8 @@ class ExponentialMovingAverage:
     def _add_group(self, group: _Group) -> None:
         if self._side_stream and group.single is not None:
             # checked before the commit: a backend with streams (torch on CUDA)
-            side = group.single.use_side_stream  # type: ignore[attr-defined]
-            group.state = group.state.replace(shadow=side(group.state.shadow))
+            side = group.single.use_side_stream(group.state.shadow)
+            group.state = group.state.replace(shadow=side)
         self._fast.clear()
         self._module_cache = None
         self._groups[group.names] = group
@@ -1347,10 +1345,8 @@ class ExponentialMovingAverage:
                 )
             pairs.append((live, avg, backend))
         for backend in dict.fromkeys(backends):
-            check = getattr(backend, "check_assignable", None)
-            if check is not None:
-                mine = [i for i, b in enumerate(backends) if b is backend]
-                check([leaves[i] for i in mine], [names[i] for i in mine])
+            mine = [i for i, b in enumerate(backends) if b is backend]
+            backend.check_assignable([leaves[i] for i in mine], [names[i] for i in mine])
         return pairs
 
     def copy_to(self, var_list: Any) -> None:
@@ -1632,11 +1628,8 @@ class ExponentialMovingAverage:
             current, backend = self._copies[name]
         else:
             return array
-        place = getattr(backend, "placed_like", None)
-        if place is None:
-            return array
         try:
-            return place(array, current)
+            return backend.placed_like(array, current)
         except ValueError as exc:
             raise StateDictError(f"leaf {name!r}: {exc}") from None
 

@@ -52,7 +52,7 @@ def resolve_backends(
     """
     registry = _plugins.get_registry()
     if backend is not None:
-        forced = registry.get(backend) if isinstance(backend, str) else backend
+        forced = registry.get(backend) if isinstance(backend, str) else registry.completed(backend)
         for name, leaf in zip(names, leaves):
             if not forced.owns(leaf):
                 raise LeafMismatchError(
@@ -80,15 +80,13 @@ def check_floating(
 
 
 def check_new(leaves: Sequence[Any], names: Sequence[str], backends: Sequence[Backend]) -> None:
-    """Let each backend refuse new leaves it cannot track together.
+    """Let each backend refuse new leaves it cannot track together (`Backend.check_new`).
 
-    ``Backend.check_new`` is optional: torch refuses sharded DTensors mixed with plain tensors.
+    Torch refuses sharded DTensors mixed with plain tensors; the portable default accepts all.
     """
     for backend in dict.fromkeys(backends):
-        check = getattr(backend, "check_new", None)
-        if check is not None:
-            idx = [i for i, b in enumerate(backends) if b is backend]
-            check([leaves[i] for i in idx], [names[i] for i in idx])
+        idx = [i for i, b in enumerate(backends) if b is backend]
+        backend.check_new([leaves[i] for i in idx], [names[i] for i in idx])
 
 
 def check_pairs(
@@ -301,13 +299,10 @@ def first_traced(params: Sequence[Any], backends: Sequence[Backend]) -> int | No
     Every leaf is asked, not only the first: a function traced over some of the parameters
     (``jit(lambda w: ema.apply({"b": b, "w": w}))``) passes concrete ones beside tracers.
     Whether an array is traced follows from its type (a tracer is one of the framework's
-    tracer classes), so one leaf of each type is asked; backends that inherit the portable
-    ``is_traced`` (always False) are not asked at all.
+    tracer classes), so one leaf of each type is asked; backends whose arrays are always
+    concrete (`Backend.traces` false) are not asked at all.
     """
-    from emacore._generic import ArrayAPIBackend
-
-    never = ArrayAPIBackend.is_traced
-    if all(getattr(type(b), "is_traced", None) is never for b in dict.fromkeys(backends)):
+    if not any(b.traces for b in dict.fromkeys(backends)):
         return None
     types = list(map(type, params))
     for kind in dict.fromkeys(types):
@@ -327,13 +322,8 @@ def nonfinite_leaves(
     bad: list[str] = []
     for backend in dict.fromkeys(backends):
         idx = [i for i, b in enumerate(backends) if b is backend]
-        check = getattr(backend, "all_finite", None)
-        if check is None:  # a plugin without it: the portable check
-            from emacore._generic import GENERIC
-
-            check = GENERIC.all_finite
         mine = params if len(idx) == len(params) else [params[i] for i in idx]
-        bad += [names[i] for i, ok in zip(idx, check(mine)) if not ok]
+        bad += [names[i] for i, ok in zip(idx, backend.all_finite(mine)) if not ok]
     order = {nm: i for i, nm in enumerate(names)}
     return sorted(bad, key=order.__getitem__)
 
@@ -411,14 +401,11 @@ def apply_update_lanes(
 ) -> list[list[Any]]:
     """Update several profiles' shadows of the same parameters (in place where possible).
 
-    A single backend with ``update_lanes`` reads the parameters once for every profile;
-    otherwise each profile is one `apply_update`.
+    A single backend runs them in one `Backend.update_lanes` call (numpy, torch and jax read
+    the parameters once for every profile); with several, each profile is one `apply_update`.
     """
     if backends and backends.count(backends[0]) == len(backends):
-        fused = getattr(backends[0], "update_lanes", None)
-        if fused is not None:
-            out: list[list[Any]] = fused(shadow_lists, params, cs, inplace=True, exact=exact)
-            return out
+        return backends[0].update_lanes(shadow_lists, params, cs, inplace=True, exact=exact)
     return [
         apply_update(shadows, params, backends, c, inplace=True, exact=exact)
         for shadows, c in zip(shadow_lists, cs)
@@ -478,8 +465,4 @@ def _divide(backend: Backend, s: Any, divisor: float) -> Any:
     but XLA rewrites a division by a constant into a multiplication by its reciprocal, which
     is off by an ulp; a 0-d array operand stays a true division.
     """
-    scalar = getattr(backend, "scalar_like", None)  # optional: where a 0-d array goes
-    if scalar is not None:
-        return s / scalar(divisor, s)
-    xp = backend.namespace(s)
-    return s / xp.asarray(divisor, dtype=s.dtype, device=backend.device(s))
+    return s / backend.scalar_like(divisor, s)

@@ -3,7 +3,9 @@
 Every method is written against the array API standard through ``array-api-compat``. Framework
 backends subclass `ArrayAPIBackend` and override only what they do faster; the update
 here is the reference kernel applied leaf by leaf, which is what the fast paths are tested
-against.
+against. `ArrayAPIBackend` implements every member of `emacore.backend.Backend`, each
+default giving what the core did before the member was declared; `complete` lends those
+defaults to a backend that implements the protocol without subclassing.
 """
 
 from __future__ import annotations
@@ -13,11 +15,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from emacore._kernel import reference_update
-from emacore.backend import BackendSpec, Capabilities
+from emacore.backend import Backend, BackendSpec, Capabilities
 from emacore.errors import ImmutableArrayError
 from emacore.hookspecs import hookimpl
 
-__all__ = ["ArrayAPIBackend", "GENERIC"]
+__all__ = ["ArrayAPIBackend", "GENERIC", "complete"]
 
 
 class ArrayAPIBackend:
@@ -37,6 +39,14 @@ class ArrayAPIBackend:
     >>> backend.owns(xp.asarray([1.0]))
     True
     """
+
+    traces = False
+    """Standard arrays are concrete; a subclass that overrides `is_traced` traces."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "traces" not in vars(cls):  # declared by the subclass: as it says
+            cls.traces = cls.is_traced is not ArrayAPIBackend.is_traced
 
     def __init__(self, name: str = "array_api", capabilities: Capabilities | None = None) -> None:
         self.name = name
@@ -61,9 +71,17 @@ class ArrayAPIBackend:
 
         return array_api_compat.device(x)
 
+    def scalar_device(self, x: Any) -> Any:
+        """Return ``device(x)``: a 0-d array goes where its leaf is."""
+        return self.device(x)
+
     def is_floating(self, x: Any) -> bool:
         """Return True if ``x`` has a real floating dtype."""
         return bool(self.namespace(x).isdtype(x.dtype, "real floating"))
+
+    def is_traced(self, x: Any) -> bool:
+        """Standard arrays are concrete."""
+        return False
 
     def create_shadows(
         self, params: Sequence[Any], *, zeros: bool, layout: str = "auto"
@@ -83,6 +101,13 @@ class ArrayAPIBackend:
                 out.append(xp.asarray(p, copy=True))
         return out
 
+    def check_new(self, params: Sequence[Any], names: Sequence[str]) -> None:
+        """Accept every new leaf: portable arrays can be tracked together."""
+
+    def placed_like(self, x: Any, like: Any) -> Any:
+        """Return ``x`` as it is: its placement is the caller's."""
+        return x
+
     def update(
         self,
         shadows: Sequence[Any],
@@ -100,6 +125,21 @@ class ArrayAPIBackend:
             ]
         return [reference_update(s, p, c) for s, p in zip(shadows, params)]
 
+    def update_lanes(
+        self,
+        shadow_lists: Sequence[Sequence[Any]],
+        params: Sequence[Any],
+        cs: Sequence[Any],
+        *,
+        inplace: bool,
+        exact: bool = True,
+    ) -> list[list[Any]]:
+        """One `update` per profile (the parameters are read once per profile)."""
+        return [
+            self.update(shadows, params, c, inplace=inplace, exact=exact)
+            for shadows, c in zip(shadow_lists, cs)
+        ]
+
     def check_writable(self, shadows: Sequence[Any], names: Sequence[str]) -> None:
         """Nothing to check: the generic backend never writes in place."""
 
@@ -115,9 +155,13 @@ class ArrayAPIBackend:
             out.append(bool(xp.all(xp.isfinite(p))))
         return out
 
-    def is_traced(self, x: Any) -> bool:
-        """Standard arrays are concrete."""
-        return False
+    def select(self, flag: Any, new: Sequence[Any], old: Sequence[Any]) -> Any:
+        """``new`` where ``flag`` is true, else ``old``: one ``where`` per array."""
+        return [self.namespace(n).where(flag, n, o) for n, o in zip(new, old)]
+
+    def scalar_like(self, value: float, x: Any) -> Any:
+        """``value`` as a 0-d array of ``x``'s dtype on ``x``'s device."""
+        return self.namespace(x).asarray(value, dtype=x.dtype, device=self.device(x))
 
     def to_device(self, x: Any, device: Any) -> Any:
         """Return ``x`` on ``device`` (through the array API's ``to_device``)."""
@@ -149,9 +193,34 @@ class ArrayAPIBackend:
             src = self.namespace(dst).astype(src, dst.dtype)
         dst[...] = src
 
+    def check_assignable(self, arrays: Sequence[Any], names: Sequence[str]) -> None:
+        """Nothing to check beyond `assign`'s own refusal of immutable arrays."""
+
     def named_leaves(self, obj: Any) -> list[tuple[str, Any, str]] | None:
         """The generic backend knows no framework containers."""
         return None
+
+    def snapshot(self, obj: Any) -> tuple[Any, list[Any]] | None:
+        """No cheap snapshot: ``apply`` walks a container by name each step."""
+        return None
+
+    def flatten_node(self, obj: Any) -> tuple[tuple[str, ...], list[Any], Any] | None:
+        """The generic backend knows no framework pytree nodes: everything is a leaf."""
+        return None
+
+    def check_side_stream(self, params: Sequence[Any]) -> None:
+        """Refuse: the generic backend has no streams."""
+        raise ValueError(
+            f"side_stream=True: backend {self.name!r} has no streams (torch on CUDA has)"
+        )
+
+    def use_side_stream(self, shadows: Sequence[Any]) -> Sequence[Any]:
+        """Refuse, as `check_side_stream` does."""
+        self.check_side_stream(shadows)
+        return shadows
+
+    def wait(self, shadows: Sequence[Any]) -> None:
+        """Nothing to wait for: without streams every update has finished."""
 
     def to_host(self, x: Any) -> Any:
         """Return ``x`` copied to the host as a buffer numpy can read."""
@@ -166,6 +235,51 @@ class ArrayAPIBackend:
         with contextlib.suppress(Exception):  # its default device, where the host is
             return x.to_device(self.namespace(x).__array_namespace_info__().default_device())
         return x
+
+
+def _members() -> tuple[str, ...]:
+    """The members `Backend` declares (its methods and attributes), in its order."""
+    attrs = tuple(Backend.__annotations__)
+    methods = tuple(n for n, v in vars(Backend).items() if not n.startswith("_") and callable(v))
+    return attrs + methods
+
+
+class _Completed(ArrayAPIBackend):
+    """A backend that implements the protocol without subclassing `ArrayAPIBackend`.
+
+    Each member the wrapped backend has is its own (bound to it); each it lacks is the
+    portable default, which reaches the wrapped backend's own members through ``self``.
+    """
+
+    def __init__(self, backend: Any) -> None:
+        self.wrapped = backend
+        for member in _MEMBERS:
+            # the one tolerant place: the core calls every member without asking
+            own = getattr(backend, member, _MISSING)
+            if own is not _MISSING:
+                setattr(self, member, own)
+        if "traces" not in vars(self):
+            # is_traced is its own (the protocol asks for it): ask it, as the core always did
+            self.traces = True
+
+    def __repr__(self) -> str:
+        return f"<emacore backend {self.name!r} ({self.wrapped!r}, completed)>"
+
+
+_MISSING = object()
+_MEMBERS = _members()
+
+
+def complete(backend: Any) -> Backend:
+    """Return ``backend`` with every member of the protocol.
+
+    A subclass of `ArrayAPIBackend` has them all and is returned as it is; another object is
+    wrapped so that the members it lacks are the portable defaults. The registry calls this
+    once per backend it loads (or is given as an object), and keeps the result.
+    """
+    if isinstance(backend, ArrayAPIBackend):
+        return backend
+    return _Completed(backend)
 
 
 GENERIC = ArrayAPIBackend()

@@ -5,7 +5,10 @@ Order of registration: the generic array-API backend, then numpy/torch/jax (decl
 ``emacore`` entry-point group unless ``EMACORE_DISABLE_PLUGIN_AUTOLOAD`` is set. A plugin that
 fails to import or whose hook raises is skipped with a `emacore.errors.PluginWarning`;
 two backends with the same name raise `emacore.errors.BackendConflictError` naming
-both providers.
+both providers. A backend that implements the `emacore.backend.Backend` protocol without
+subclassing `emacore.ArrayAPIBackend` is completed with the portable defaults of the members
+it lacks when it is loaded (`emacore._generic.complete`): the core calls every member
+without asking whether a backend has it.
 
 Resolution never imports a framework to ask what an array is: it reads the top-level module of
 ``type(x)``, loads only a backend that claims that module, confirms with ``owns`` and caches
@@ -25,6 +28,7 @@ from typing import Any
 import pluggy
 
 from emacore import hookspecs
+from emacore._generic import ArrayAPIBackend, complete
 from emacore.backend import Backend, BackendSpec
 from emacore.errors import BackendConflictError, PluginWarning, UnknownBackendError
 
@@ -89,6 +93,7 @@ class Registry:
         self._loaded: dict[str, Backend] = {}
         self._by_type: dict[type, Backend] = {}
         self._containers: dict[type, Backend | None] = {}
+        self._given: dict[int, tuple[Any, Backend]] = {}
         self._lock = threading.Lock()
 
     def _load_entry_points(self) -> None:
@@ -171,14 +176,33 @@ class Registry:
             backend = self._loaded.get(name)
             if backend is None:
                 try:
-                    backend = spec.load()
+                    loaded = spec.load()
                 except ImportError as exc:
                     raise UnknownBackendError(
                         f"emacore backend {name!r} (from {provider!r}) cannot be used: "
                         f"{exc}. Install its array library (e.g. pip install 'emacore[{name}]')."
                     ) from exc
+                backend = complete(loaded)
+                if backend is not loaded:  # the same completion when it is passed as an object
+                    self._given[id(loaded)] = (loaded, backend)
                 self._loaded[name] = backend
         return backend
+
+    def completed(self, backend: Backend) -> Backend:
+        """Return a backend passed as an object (``backend=``) with every protocol member.
+
+        A subclass of `emacore.ArrayAPIBackend` is returned as it is; another object is
+        completed once (as `get` completes a registered one, whose completion this returns
+        too) and the same completed backend is returned for it every time, so that its
+        shadows and parameters belong to one backend.
+        """
+        if isinstance(backend, ArrayAPIBackend):
+            return backend
+        with self._lock:
+            given = self._given.get(id(backend))
+            if given is None or given[0] is not backend:
+                given = self._given[id(backend)] = (backend, complete(backend))
+        return given[1]
 
     def resolve(self, x: Any) -> Backend:
         """Return the backend that handles array ``x`` (cached per ``type(x)``)."""
@@ -219,8 +243,7 @@ class Registry:
             if not any(m in sys.modules for m in spec.array_modules):
                 continue
             backend = self.get(name)
-            named = getattr(backend, "named_leaves", None)
-            if named is not None and named(obj) is not None:
+            if backend.named_leaves(obj) is not None:
                 found = backend
                 break
         self._containers[t] = found
@@ -234,10 +257,9 @@ class Registry:
         for name, (spec, _) in self._specs.items():
             if not any(m in sys.modules for m in spec.array_modules):
                 continue
-            split = getattr(self.get(name), "flatten_node", None)
-            node = split(obj) if split is not None else None
+            node = self.get(name).flatten_node(obj)
             if node is not None:
-                return node  # type: ignore[no-any-return]
+                return node
         return None
 
 

@@ -139,8 +139,7 @@ def init(
         first = shadows.first() if isinstance(shadows, _pytree.ShadowList) else shadows[0]
         # a backend may place 0-d counters apart from a leaf (jax: replicated over its mesh;
         # a scalar cannot take a sharded leaf's partitioning)
-        place = getattr(backends[0], "scalar_device", backends[0].device)
-        xp, where = backends[0].namespace(first), place(first)
+        xp, where = backends[0].namespace(first), backends[0].scalar_device(first)
         wide = xp.float64 if _has_float64(xp) else xp.float32
         counters = {
             "count": xp.asarray(0, dtype=_default_int(xp), device=where),
@@ -277,9 +276,8 @@ def update(
     )
     counters = advance(state, d)
     if finite is not True:  # a traced guard: keep the old values where it is false
-        select = getattr(s_backends[0], "select", None) if packed else None
-        if select is not None:  # on the packed buffers, keeping their layout
-            new = select(finite, new, s_leaves)
+        if packed:  # on the packed buffers, keeping their layout
+            new = s_backends[0].select(finite, new, s_leaves)
         else:
             new = [b.namespace(n).where(finite, n, s) for n, s, b in zip(new, s_leaves, s_backends)]
         old = {"count": state.count, "decay_product": state.decay_product}

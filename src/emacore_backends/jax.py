@@ -42,7 +42,7 @@ from typing import Any, cast
 import jax
 import jax.numpy as jnp
 
-from emacore._generic import ArrayAPIBackend
+from emacore import ArrayAPIBackend
 from emacore._pytree import ShadowList, ShadowTree
 from emacore._state import EMAState
 from emacore.backend import Capabilities

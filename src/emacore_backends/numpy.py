@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from emacore._generic import ArrayAPIBackend
+from emacore import ArrayAPIBackend
 from emacore._pytree import ShadowList
 from emacore.backend import Capabilities
 from emacore.errors import ReadOnlyError

@@ -32,7 +32,7 @@ from typing import Any, cast
 import array_api_compat.torch as _xp
 import torch
 
-from emacore._generic import ArrayAPIBackend
+from emacore import ArrayAPIBackend
 from emacore._pytree import ShadowList
 from emacore.backend import Capabilities
 from emacore.errors import ReadOnlyError

@@ -25,7 +25,7 @@ import pytest
 
 import emacore
 from emacore import _plugins, functional, hookspecs
-from emacore._kernel import reference_update
+from emacore.backend import reference_update
 
 GROUP = emacore.ENTRY_POINT_GROUP
 BUILTINS = {"array_api", "numpy", "torch", "jax"}

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import emacore
-from emacore._kernel import reference_update
+from emacore.backend import reference_update
 
 __all__ = ["BACKEND", "UPDATE_CALLS", "ToyBackend", "emacore_backends"]
 
