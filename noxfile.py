@@ -23,6 +23,7 @@ TEST_DEPS = [
     "numpy>=1.26",
     "array-api-strict>=2.3",
     "pandas>=2.2",  # the reference for ewm-style averages (times=, adjust=)
+    "dask[array]>=2024.12",  # tests/core/test_dask.py: dask through the portable backend
 ]
 BACKEND_DEPS = {
     "numpy": [],

@@ -12,7 +12,9 @@ without asking whether a backend has it.
 
 Resolution never imports a framework to ask what an array is: it reads the top-level module of
 ``type(x)``, loads only a backend that claims that module, confirms with ``owns`` and caches
-the answer per type.
+the answer per type. An array no backend claims goes to the portable ``array_api`` backend
+when array-api-compat knows it (``__array_namespace__``, or a dask, cupy or sparse array,
+which array-api-compat recognises through ``sys.modules`` without importing them).
 """
 
 from __future__ import annotations
@@ -222,8 +224,9 @@ class Registry:
             if not generic.owns(x):
                 raise UnknownBackendError(
                     f"no emacore backend handles {t.__module__}.{t.__qualname__} objects "
-                    f"(registered backends: {self.names()}); expected an array with "
-                    "__array_namespace__ or one a plugin declares"
+                    f"(registered backends: {self.names()}); expected an array that "
+                    "array-api-compat knows (one with __array_namespace__, or a dask, cupy or "
+                    "sparse array) or one a plugin declares"
                 )
             backend = generic
         self._by_type[t] = backend
