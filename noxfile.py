@@ -126,10 +126,13 @@ def integrations(session: nox.Session) -> None:
 
 @nox.session(python=PY)
 def lint(session: nox.Session) -> None:
-    """ruff check and ruff format --check."""
-    session.install("ruff>=0.6")
+    """ruff check, ruff format --check, and the import contracts of ARCHITECTURE.md §4
+    (lint-imports reads [tool.importlinter] in pyproject.toml; it imports the package, hence
+    the editable install)."""
+    session.install("-e", ".", "ruff>=0.6", "import-linter>=2.17")
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
+    session.run("lint-imports", "--no-cache")
 
 
 @nox.session(python=PY)
