@@ -1,178 +1,21 @@
 """Backends under test: the conformance suite runs once per backend named in
 ``EMACORE_TEST_BACKENDS`` (comma-separated; default: every backend importable here is *not*
 guessed: numpy and array_api_strict). A requested backend that cannot import is an error, never
-a skip, so a broken install cannot pass CI silently.
+a skip, so a broken install cannot pass CI silently. The ``lib`` fixture and the factories of
+each backend's `Lib` are emacore.testing's (the conformance kit, `emacore.testing.plugin`).
 """
 
 from __future__ import annotations
 
-import importlib
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import pytest
 
-
-@dataclass(frozen=True)
-class Lib:
-    """How the tests make and read arrays of one backend, on one device."""
-
-    name: str
-    backend: str
-    xp: Any
-    device: Any
-    mutable: bool
-    make: Callable[[np.ndarray], Any]
-    read: Callable[[Any], np.ndarray]
-    dtype: Callable[[str], Any]
-    device_of: Callable[[Any], Any]
-    set_value: Callable[[Any, np.ndarray], Any]  # returns the array to use from then on
-    float64: bool = True  # False: jax without jax_enable_x64
-
-    def __repr__(self) -> str:
-        return f"Lib({self.name})"
-
-
-def _numpy_lib() -> Lib:
-    def set_value(x: Any, v: np.ndarray) -> Any:
-        x[...] = v
-        return x
-
-    return Lib(
-        name="numpy",
-        backend="numpy",
-        xp=np,
-        device="cpu",
-        mutable=True,
-        make=lambda a: np.array(a, copy=True),
-        read=lambda x: np.array(x, copy=True),
-        dtype=lambda name: np.dtype(name),
-        device_of=lambda x: "cpu",
-        set_value=set_value,
-    )
-
-
-def _strict_lib() -> Lib:
-    xp = importlib.import_module("array_api_strict")
-    device = xp.Device("device1")  # a non-default device: placement must be kept
-    cpu = xp.__array_namespace_info__().default_device()
-
-    def read(x: Any) -> np.ndarray:
-        return np.asarray(x.to_device(cpu))
-
-    def set_value(x: Any, v: np.ndarray) -> Any:
-        x[...] = xp.asarray(v, device=x.device)
-        return x
-
-    return Lib(
-        name="array_api_strict",
-        backend="array_api",
-        xp=xp,
-        device=device,
-        mutable=True,
-        make=lambda a: xp.asarray(np.array(a, copy=True), device=device),
-        read=read,
-        dtype=lambda name: getattr(xp, name),
-        device_of=lambda x: x.device,
-        set_value=set_value,
-    )
-
-
-def _torch_lib() -> Lib:
-    torch = importlib.import_module("torch")
-
-    def set_value(x: Any, v: np.ndarray) -> Any:
-        with torch.no_grad():
-            x.copy_(torch.from_numpy(np.asarray(v)))
-        return x
-
-    return Lib(
-        name="torch",
-        backend="torch",
-        xp=torch,
-        device=torch.device("cpu"),
-        mutable=True,
-        make=lambda a: torch.tensor(np.array(a, copy=True)),
-        read=lambda x: x.detach().cpu().numpy().copy(),
-        dtype=lambda name: getattr(torch, name),
-        device_of=lambda x: x.device,
-        set_value=set_value,
-    )
-
-
-# jax runs its conformance twice, in separate processes (`nox -s tests(jax)` and
-# `tests(jax_x32)`): with jax_enable_x64, for the float64 cases, and without it, as most users
-# run. Without x64 jax has no 64-bit dtypes: a test that makes a float64 (or int64) array or
-# asks for the float64 dtype skips, saying the x64 process runs it; the rest run in float32.
-JAX_X64_ENV = "EMACORE_JAX_X64"
-_WIDE = ("float64", "complex128", "int64", "uint64")
-
-
-def _jax_x64() -> bool:
-    flag = os.environ.get(JAX_X64_ENV, "1")
-    if flag not in ("0", "1"):
-        raise pytest.UsageError(f"{JAX_X64_ENV} must be 0 or 1, got {flag!r}")
-    return flag == "1"
-
-
-def _needs_x64(dtype: str) -> None:
-    if dtype in _WIDE and not _jax_x64():
-        pytest.skip(f"{dtype} needs jax_enable_x64: the x64 jax session runs this case")
-
-
-def _jax_lib() -> Lib:
-    jax = importlib.import_module("jax")
-    jax.config.update("jax_enable_x64", _jax_x64())
-    jnp = importlib.import_module("jax.numpy")
-    device = jax.devices()[0]
-
-    def make(a: Any) -> Any:
-        host = np.array(a, copy=True)
-        _needs_x64(host.dtype.name)
-        return jnp.asarray(host)
-
-    def dtype(name: str) -> Any:
-        _needs_x64(np.dtype(name).name)
-        return jnp.dtype(name)
-
-    return Lib(
-        name="jax",
-        backend="jax",
-        xp=jnp,
-        device=device,
-        mutable=False,
-        make=make,
-        read=lambda x: np.array(x, copy=True),
-        dtype=dtype,
-        device_of=lambda x: next(iter(x.devices())),
-        set_value=lambda x, v: jnp.asarray(np.asarray(v), dtype=x.dtype),  # a new array
-        float64=_jax_x64(),
-    )
-
-
-_LIBS: dict[str, Callable[[], Lib]] = {
-    "numpy": _numpy_lib,
-    "array_api_strict": _strict_lib,
-    "torch": _torch_lib,
-    "jax": _jax_lib,
-}
-
-
-def requested_backends() -> list[str]:
-    raw = os.environ.get("EMACORE_TEST_BACKENDS", "numpy,array_api_strict")
-    names = [n.strip() for n in raw.split(",") if n.strip()]
-    unknown = [n for n in names if n not in _LIBS]
-    if unknown:
-        raise pytest.UsageError(f"EMACORE_TEST_BACKENDS names unknown backends {unknown}")
-    return names
-
-
-@pytest.fixture(params=requested_backends(), scope="session")
-def lib(request: pytest.FixtureRequest) -> Lib:
-    return _LIBS[request.param]()
+# The `lib` fixture, one `Lib` per backend of EMACORE_TEST_BACKENDS, comes from the conformance
+# kit's plugin: the suite of tests/conformance lives in emacore.testing.conformance, and runs
+# here exactly as a third-party backend runs it from its own repository.
+pytest_plugins = ["emacore.testing.plugin"]
 
 
 # --- gpu ---
