@@ -257,6 +257,31 @@ class ArrayAPIBackend:
             return x.to_device(self.namespace(x).__array_namespace_info__().default_device())
         return x
 
+    def from_host(self, host: Any, like: Any, dtype: str | None = None) -> Any:
+        """Return ``host`` as an array of ``like``'s namespace, dtype (or ``dtype``) and device.
+
+        ``xp.asarray`` reads a numpy array through the buffer protocol (or ``__array__``); a
+        library whose ``asarray`` refuses it gets it through DLPack. The cast comes after the
+        transfer, so a float32 host array becomes bfloat16 in the library that has it.
+        """
+        import numpy as np  # the host format (checkpoints need it; imported on first load)
+
+        xp = self.namespace(like)
+        target = like.dtype
+        if dtype is not None:  # by name, through the standard's inspection of the namespace
+            target = xp.__array_namespace_info__().dtypes().get(dtype)
+            if target is None:
+                raise ValueError(f"backend {self.name!r} has no {dtype} arrays")
+        host = np.asarray(host)
+        device = self.device(like)
+        try:
+            out = xp.asarray(host, device=device)
+        except TypeError:  # an asarray that takes only its own arrays: through DLPack
+            out = self.to_device(xp.from_dlpack(host), device)
+        if out.dtype != target:
+            out = xp.astype(out, target)
+        return _settled([out])[0]
+
 
 def _settled(arrays: list[Any]) -> list[Any]:
     """``arrays`` with every dask array among them persisted (computed, kept as chunks).

@@ -268,6 +268,25 @@ class Backend(Protocol):
         """Return ``x`` as something ``numpy.asarray`` accepts (for checkpoints and tests)."""
         ...
 
+    def from_host(self, host: Any, like: Any, dtype: str | None = None) -> Any:
+        """Return the host array ``host`` as an array of this backend, placed as ``like``.
+
+        The way back of `to_host`: ``host`` is a numpy array (or anything ``numpy.asarray``
+        accepts, such as what another backend's `to_host` returns), ``like`` an array of this
+        backend. The result holds ``host``'s values with ``like``'s dtype, or the dtype
+        named by ``dtype`` (``"float32"``, ``"bfloat16"``..., as ``shadow_dtype`` names
+        them), on ``like``'s device (sharded as ``like`` is). A checkpoint stores bfloat16
+        as float32, so ``host`` may be float32 where the result is bfloat16 (exact). The
+        result may share memory with ``host``; the core passes a fresh host array.
+
+        Called by `emacore.load_into` and `emacore.load_state` (``like=``) for every array
+        of the file, with the shadow (or parameter) it is loaded for; a ``ValueError`` or
+        ``TypeError`` becomes a `emacore.checkpoint.CheckpointError` naming the array. The
+        portable default is ``xp.asarray(host, device=device(like))`` cast with
+        ``xp.astype``; torch and jax override it to place the array as a sharded ``like`` is.
+        """
+        ...
+
     def to_device(self, x: Any, device: Any) -> Any:
         """Return ``x`` on ``device`` (``x`` itself when it is there already).
 

@@ -20,9 +20,12 @@ Design invariants:
 * **Atomic writes.** `save` writes a temporary file in the destination's directory, flushes and
   ``fsync``s it, renames it over the destination with ``os.replace`` and ``fsync``s the
   directory: a writer killed at any moment leaves either the previous file or the new one.
-* **Any backend to any backend.** Arrays go through numpy on the host; a loader converts them
-  with the target's array namespace onto the target's device and checks that it kept the dtype
-  (JAX without ``jax_enable_x64`` would quietly make float64 float32).
+* **Any backend to any backend.** Arrays go through numpy on the host. An array loaded for an
+  existing one (the shadow it replaces in `load_into`, a leaf of ``like=`` in `load_state`) is
+  made by that array's backend, `emacore.Backend.from_host`, so a plugin's own array types
+  load too; one loaded with ``xp=`` is made by that namespace's ``asarray``. Either way the
+  loader checks that it kept the dtype (JAX without ``jax_enable_x64`` would quietly make
+  float64 float32).
 * **bfloat16.** numpy has no bfloat16, and safetensors' numpy writer cannot emit one: bfloat16
   arrays are stored as float32 (exact: every bfloat16 is a float32 whose low 16 bits are
   zero) with ``"dtype": "bfloat16"`` in emacore's metadata. Loading restores bfloat16 where the
@@ -57,6 +60,7 @@ from emacore._state_dict import (
     LoadResult,
     check_state,
 )
+from emacore.backend import Backend
 from emacore.errors import StateDictError
 
 __all__ = [
@@ -839,28 +843,34 @@ def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
 # -- converting to the target library -------------------------------------------------------
 
 
-def _convert(arr: Any, saved: str, name: str, xp: Any, device: Any) -> Any:
-    """``arr`` (numpy, fresh) as an array of namespace ``xp`` on ``device``, dtype checked."""
-    np = _numpy()
-    if xp is None or xp is np:
-        if device is not None and device != "cpu":
-            raise CheckpointError(f"numpy arrays live on 'cpu', not {device!r}; pass xp=")
-        return arr  # bfloat16 stays float32: numpy has no bfloat16
-    library = getattr(xp, "__name__", repr(xp))
-    try:
-        out = xp.asarray(arr) if device is None else xp.asarray(arr, device=device)
-    except Exception as exc:  # whatever the library raises for a device or dtype it lacks
-        raise CheckpointError(
-            f"array {name!r}: {library} could not make a {saved} array of shape {tuple(arr.shape)}"
-            f"{'' if device is None else f' on {device!r}'} ({exc})"
-        ) from None
-    if saved == "bfloat16":
-        backend = _plugins.resolve(out)
-        ns = backend.namespace(out)
-        bf16 = getattr(ns, "bfloat16", None)
-        if bf16 is None:
-            return out  # a library without bfloat16 keeps the exact float32 values
-        out = ns.astype(out, bf16)
+@dataclass(frozen=True)
+class _Like:
+    """Load an array for ``array`` (a shadow, or a parameter of ``load_state``'s ``like=``).
+
+    Its backend's `Backend.from_host` makes it: that backend's array type, on ``array``'s
+    device or sharding, and on ``device`` after that where one is given.
+    """
+
+    backend: Backend
+    array: Any
+    device: Any = None
+
+
+def _convert(arr: Any, saved: str, name: str, target: Any, device: Any) -> Any:
+    """``arr`` (numpy, fresh) as a ``saved`` array for ``target``, dtype checked.
+
+    ``target`` is a `_Like` (the array it is loaded for), or a namespace to make it with
+    (None: numpy) on ``device``.
+    """
+    if isinstance(target, _Like):
+        out, library = _from_host(arr, saved, name, target), target.backend.name
+    else:
+        np = _numpy()
+        if target is None or target is np:
+            if device is not None and device != "cpu":
+                raise CheckpointError(f"numpy arrays live on 'cpu', not {device!r}; pass xp=")
+            return arr  # bfloat16 stays float32: numpy has no bfloat16
+        out, library = _by_namespace(arr, saved, name, target, device)
     got = dtype_label(out.dtype)
     if got != saved:
         raise CheckpointError(
@@ -870,10 +880,45 @@ def _convert(arr: Any, saved: str, name: str, xp: Any, device: Any) -> Any:
     return out
 
 
-def _target_of(x: Any) -> tuple[Any, Any]:
-    """The namespace and device of an existing array."""
-    backend = _plugins.resolve(x)
-    return backend.namespace(x), backend.device(x)
+def _from_host(arr: Any, saved: str, name: str, like: _Like) -> Any:
+    """``arr`` made by ``like``'s backend: its `Backend.from_host`, then ``to_device``."""
+    backend, x = like.backend, like.array
+    dtype: str | None = saved
+    if saved == dtype_label(x.dtype):
+        dtype = None  # the dtype of the array it is loaded for
+    elif saved == "bfloat16" and getattr(backend.namespace(x), "bfloat16", None) is None:
+        return arr  # a library without bfloat16 keeps the exact float32 values (numpy's)
+    try:
+        out = backend.from_host(arr, x, dtype)
+        return out if like.device is None else backend.to_device(out, like.device)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(
+            f"array {name!r}: backend {backend.name!r} could not make a {saved} array of "
+            f"shape {tuple(arr.shape)} like its {x.dtype} one ({exc})"
+        ) from None
+
+
+def _by_namespace(arr: Any, saved: str, name: str, xp: Any, device: Any) -> tuple[Any, str]:
+    """``arr`` made with the namespace ``xp`` on ``device``, and the library's name."""
+    library = getattr(xp, "__name__", repr(xp))
+    try:
+        out = xp.asarray(arr) if device is None else xp.asarray(arr, device=device)
+    except Exception as exc:  # whatever the library raises for a device or dtype it lacks
+        raise CheckpointError(
+            f"array {name!r}: {library} could not make a {saved} array of shape {tuple(arr.shape)}"
+            f"{'' if device is None else f' on {device!r}'} ({exc})"
+        ) from None
+    if saved == "bfloat16":
+        ns = _plugins.resolve(out).namespace(out)
+        bf16 = getattr(ns, "bfloat16", None)
+        if bf16 is not None:  # a library without bfloat16 keeps the exact float32 values
+            out = ns.astype(out, bf16)
+    return out, library
+
+
+def _like(x: Any, device: Any = None) -> _Like:
+    """Load an array for the existing array ``x`` (then onto ``device``, if given)."""
+    return _Like(_plugins.resolve(x), x, device)
 
 
 def _materialize(value: Any, arrays: Mapping[str, Any]) -> Any:
@@ -1033,7 +1078,7 @@ def load_into(
 
     def targets(owner: str | None) -> tuple[Any, Any]:
         if owner in tracked:
-            return _target_of(tracked[owner][1])
+            return _like(tracked[owner][1]), None
         return xp, device
 
     keep = [nm for nm in saved if not tracked or nm in tracked]
@@ -1147,7 +1192,7 @@ def load_state(
         like_leaves, treedef = _pytree.flatten(like)
         names = list(_pytree.leaf_names(treedef))
         _check_like(ckpt, names, like_leaves)
-        where = {nm: _target_of(x) for nm, x in zip(names, like_leaves)}
+        where: dict[str, Any] = dict(zip(names, like_leaves))
     else:
         treedef = ckpt.tree
         if treedef is None:
@@ -1156,11 +1201,13 @@ def load_state(
                 "or a tree with namedtuples or framework containers): pass like= the parameters"
             )
         names = list(_pytree.leaf_names(treedef))
-        where = {nm: (xp, None) for nm in names}
+        where = {}
 
     def target(owner: str | None) -> tuple[Any, Any]:
-        lib, dev = where[owner] if owner is not None else (xp, None)
-        return (lib if xp is None else xp), (dev if device is None else device)
+        x = where.get(owner) if owner is not None else None
+        if x is not None and xp is None:  # its leaf's backend makes it, where the leaf is
+            return _like(x, device), None
+        return xp, (device if device is not None or x is None else _plugins.resolve(x).device(x))
 
     state = _state_dict(ckpt, target, names)
     shadows = [state["leaves"][nm]["shadow"] for nm in names]

@@ -724,5 +724,17 @@ class JaxBackend(ArrayAPIBackend):
         """Return the array fetched to the host."""
         return jax.device_get(x)
 
+    def from_host(self, host: Any, like: Any, dtype: str | None = None) -> Any:
+        """Return ``host`` as an array of ``like``'s dtype (or ``dtype``), sharded as ``like``.
+
+        The cast happens on the host (numpy knows bfloat16 through ml_dtypes), then one
+        ``device_put`` places it; without ``jax_enable_x64`` a float64 array becomes float32,
+        which the checkpoint's dtype check reports.
+        """
+        import numpy as np
+
+        target = like.dtype if dtype is None else jnp.dtype(dtype)
+        return jax.device_put(np.asarray(host).astype(target, copy=False), like.sharding)
+
 
 BACKEND = JaxBackend()

@@ -956,6 +956,23 @@ class TorchBackend(ArrayAPIBackend):
             x = x.full_tensor()
         return x.detach().cpu()
 
+    def from_host(self, host: Any, like: Any, dtype: str | None = None) -> Any:
+        """Return ``host`` as a tensor of ``like``'s dtype (or ``dtype``) on ``like``'s device.
+
+        A new tensor (``host`` may be read-only). Loaded for a DTensor, every process makes
+        the whole tensor and keeps its own shard of it, as ``like`` is sharded.
+        """
+        target = like.dtype if dtype is None else getattr(torch, dtype, None)
+        if not isinstance(target, torch.dtype):
+            raise ValueError(f"torch backend: {dtype!r} is not a torch dtype")
+        if not _is_dtensor(like):
+            return torch.asarray(host, dtype=target, device=like.device, copy=True)
+        from torch.distributed.tensor import distribute_tensor
+
+        local = like.to_local()
+        whole = torch.asarray(host, dtype=target, device=local.device, copy=True)
+        return distribute_tensor(whole, like.device_mesh, like.placements)
+
     def to_device(self, x: Any, device: Any) -> Any:
         """Return ``x`` detached on ``device``; host copies of CUDA tensors are pinned.
 

@@ -29,46 +29,7 @@ from emacore.backend import reference_update
 
 GROUP = emacore.ENTRY_POINT_GROUP
 BUILTINS = {"array_api", "numpy", "torch", "jax"}
-REQUIRE_ENV = "EMACORE_REQUIRE_PLUGIN"
-INSTALL_HINT = "pip install tests/plugins/emacore_toy_plugin"
 FIXTURE_PLUGINS = Path(__file__).parent / "fixture_plugins"
-
-
-def _truthy(value: str | None) -> bool:
-    return (value or "").strip().lower() not in ("", "0", "false", "no")
-
-
-@pytest.fixture(autouse=True)
-def fresh_registry() -> Iterator[None]:
-    """Every test starts and ends with no process-wide registry (rebuilt on next use)."""
-    emacore.reset_registry()
-    yield
-    emacore.reset_registry()
-
-
-def _load_toy_plugin(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
-    """The installed toy plugin module, loaded through its entry point.
-
-    Missing: a failure when ``EMACORE_REQUIRE_PLUGIN=1`` (as in ``nox -s tests``), else a skip.
-    """
-    monkeypatch.delenv(emacore.DISABLE_AUTOLOAD_ENV, raising=False)
-    eps = [ep for ep in importlib.metadata.entry_points(group=GROUP) if ep.name == "toy"]
-    if not eps:
-        reason = (
-            "the emacore-toy-plugin package is not installed (no 'toy' entry point in group "
-            f"{GROUP!r}); run `{INSTALL_HINT}`"
-        )
-        if _truthy(os.environ.get(REQUIRE_ENV)):
-            pytest.fail(f"{reason}. {REQUIRE_ENV} is set, so the plugin is required.", False)
-        pytest.skip(reason)
-    assert eps[0].value == "emacore_toy_plugin.plugin"
-    module: types.ModuleType = eps[0].load()
-    return module
-
-
-@pytest.fixture
-def toy_plugin(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
-    return _load_toy_plugin(monkeypatch)
 
 
 @pytest.fixture
@@ -144,10 +105,7 @@ print(json.dumps({"names": names, "imported": sorted(m for m in heavy if m in sy
 # -- the installed toy plugin --------------------------------------------------------------
 
 
-def test_toy_plugin_is_discovered_through_its_entry_point(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    toy_plugin = _load_toy_plugin(monkeypatch)  # not a fixture: a missing plugin FAILS here
+def test_toy_plugin_is_discovered_through_its_entry_point(toy_plugin: types.ModuleType) -> None:
     assert "toy" in emacore.backends()
     assert emacore.backends()[: len(BUILTINS)] == ["array_api", "numpy", "torch", "jax"]
     assert _plugins.get_registry().provider("toy") == "toy"  # the entry point's name

@@ -25,7 +25,12 @@ def _toy_array() -> type:
 
 
 class ToyBackend(emacore.ArrayAPIBackend):
-    """Backend for ``ToyArray``: the reference kernel on ``.data``, in place when asked."""
+    """Backend for ``ToyArray``: the reference kernel on ``.data``, in place when asked.
+
+    ``ToyArray`` has no ``__array_namespace__``, so the portable defaults of
+    `emacore.ArrayAPIBackend` cannot read it: the backend overrides every member that touches
+    an array's values (the update, the finiteness check, host transfers both ways, writes).
+    """
 
     def __init__(self) -> None:
         super().__init__("toy", emacore.Capabilities(mutable_arrays=True, inplace_update=True))
@@ -72,8 +77,27 @@ class ToyBackend(emacore.ArrayAPIBackend):
                 out.append(toy(new))
         return out
 
+    def all_finite(self, params: Sequence[Any]) -> list[bool]:
+        import numpy as np
+
+        return [bool(np.isfinite(p.data).all()) for p in params]
+
     def to_host(self, x: Any) -> Any:
         return x.data
+
+    def from_host(self, host: Any, like: Any, dtype: str | None = None) -> Any:
+        """A new ``ToyArray`` of ``host``'s values, with ``like``'s dtype (or ``dtype``)."""
+        import numpy as np
+
+        return _toy_array()(np.asarray(host), dtype=like.dtype if dtype is None else dtype)
+
+    def to_device(self, x: Any, device: Any) -> Any:
+        if device != "cpu":
+            raise ValueError(f"toy backend: arrays live on 'cpu' only, not {device!r}")
+        return x
+
+    def assign(self, dst: Any, src: Any) -> None:
+        dst.data[...] = src.data
 
 
 BACKEND = ToyBackend()
