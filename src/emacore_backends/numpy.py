@@ -456,14 +456,10 @@ def _run_lanes(
             assert first.scratch is not None
             p_flat = first.scratch[lo - shift : hi - shift]
             _blocked_lanes([b[lo:hi] for b in bases], p_flat, coefs, t)
-        elif kind == "tensor":
+        else:  # "tensor": the packed plan makes no "whole" items (those are for loose shadows)
             _, i, lo, hi = item
             p_flat = np.asarray(params[i]).reshape(-1)[lo:hi]
             _blocked_lanes([sl[i].reshape(-1)[lo:hi] for sl in shadow_lists], p_flat, coefs, t)
-        else:
-            for sl, c in zip(shadow_lists, coefs):
-                s, p = sl[item[1]], params[item[1]]
-                s[...] = s - (s - p) * c
 
 
 def _blocked_lanes(ss: list[np.ndarray], p: np.ndarray, cs: list[Any], t: np.ndarray) -> None:
