@@ -89,7 +89,7 @@ def check_new(leaves: Sequence[Any], names: Sequence[str], backends: Sequence[Ba
         backend.check_new([leaves[i] for i in idx], [names[i] for i in idx])
 
 
-def check_pairs(
+def check_pairs(  # noqa: C901 - runs every update: one C-speed compare per property, loops only to name the bad leaf
     names: Sequence[str],
     shadows: Sequence[Any],
     params: Sequence[Any],

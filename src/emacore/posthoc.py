@@ -841,7 +841,7 @@ def save_snapshot(
     checkpoint.save(obj, path, metadata=extra)
 
 
-def _profiles_of(
+def _profiles_of(  # noqa: PLR0912 - three sources (EMA, state dict, EMAState), then profile=; each refusal with its message
     obj: Any, given: Profile | Mapping[str, Profile] | None
 ) -> dict[str | None, PowerFunction]:
     """Each decay profile's PowerFunction, by profile name (None: a single-profile EMA)."""

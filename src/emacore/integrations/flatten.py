@@ -38,7 +38,7 @@ ALIGN_BYTES = 64
 """Where each parameter starts in its buffer: a multiple of this many bytes (a cache line)."""
 
 
-def flatten_parameters(model: Any, *, align_bytes: int = ALIGN_BYTES) -> list[Any]:
+def flatten_parameters(model: Any, *, align_bytes: int = ALIGN_BYTES) -> list[Any]:  # noqa: C901 - every refusal before the first storage moves
     """Move the parameters into one contiguous buffer per (device, dtype), in place.
 
     Each parameter keeps its object, value, shape, dtype, device and ``requires_grad``: only its
