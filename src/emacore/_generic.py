@@ -17,7 +17,6 @@ defaults to a backend that implements the protocol without subclassing.
 from __future__ import annotations
 
 import contextlib
-import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -289,20 +288,17 @@ def _settled(arrays: list[Any]) -> list[Any]:
     An update of lazy shadows would otherwise stack one more layer of graph on every shadow
     at each step, holding every past parameter alive and recomputing them all when the
     average is read (1,600 graph keys after 100 updates of a 4-chunk array, where a persisted
-    shadow keeps 4). One ``dask.persist`` call computes the whole list in one pass.
+    shadow keeps 4). The array's own ``persist`` method: the core names no framework module.
     """
     import array_api_compat
 
-    if not any(array_api_compat.is_dask_array(x) for x in arrays):
-        return arrays
-    # is_dask_array is True only when dask is loaded: take it from sys.modules, import nothing
-    dask = sys.modules["dask"]
-    lazy = [i for i, x in enumerate(arrays) if array_api_compat.is_dask_array(x)]
-    persisted = dask.persist(*(arrays[i] for i in lazy))
-    out = list(arrays)
-    for i, x in zip(lazy, persisted):
-        out[i] = x
-    return out
+    def persisted(x: Any) -> Any:
+        if not array_api_compat.is_dask_array(x):
+            return x
+        lazy: Any = x  # (dask's persist is untyped)
+        return lazy.persist()
+
+    return [persisted(x) for x in arrays]
 
 
 def _members() -> tuple[str, ...]:
