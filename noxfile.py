@@ -204,7 +204,7 @@ def parity(session: nox.Session) -> None:
         "python",
         "tests/parity/generate_tf_fixtures.py",
         "--out",
-        "src/emacore/testing/data/tf_parity.json",
+        "src/emacore_testing/data/tf_parity.json",
     )
     # the docs' TensorFlow blocks, run with TensorFlow (their printed numbers are checked in
     # every session by test_the_seed_example_prints_the_same_numbers_everywhere)

@@ -2,7 +2,7 @@
 ``EMACORE_TEST_BACKENDS`` (comma-separated; default: every backend importable here is *not*
 guessed: numpy and array_api_strict). A requested backend that cannot import is an error, never
 a skip, so a broken install cannot pass CI silently. The ``lib`` fixture and the factories of
-each backend's `Lib` are emacore.testing's (the conformance kit, `emacore.testing.plugin`).
+each backend's `Lib` are emacore_testing's (the conformance kit, `emacore_testing.plugin`).
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 
 # The `lib` fixture, one `Lib` per backend of EMACORE_TEST_BACKENDS, comes from the conformance
-# kit's plugin: the suite of tests/conformance lives in emacore.testing.conformance, and runs
+# kit's plugin: the suite of tests/conformance lives in emacore_testing.conformance, and runs
 # here exactly as a third-party backend runs it from its own repository.
-pytest_plugins = ["emacore.testing.plugin"]
+pytest_plugins = ["emacore_testing.plugin"]
 
 
 # --- gpu ---

@@ -18,6 +18,8 @@ import itertools
 from collections.abc import Callable
 from typing import Any
 
+from emacore.backend import ShadowList
+
 __all__ = [
     "LEAF",
     "ShadowList",
@@ -30,28 +32,6 @@ __all__ = [
 
 LEAF = "*"
 _NONE = ("none",)
-
-
-class ShadowList(list):  # type: ignore[type-arg]
-    """A flat list of shadows a backend created together, with the backend's notes on them.
-
-    ``backend_data`` lets a backend remember how it laid the shadows out (numpy packs them in
-    one buffer) without a lookup per step. ``flatten`` and ``unflatten`` pass the same object
-    through, so the notes survive a functional update of a flat list.
-
-    ``views`` is False where reading an item costs a copy (jax slices its packed buffers on
-    read): the core then reads ``first()`` and ``specs`` instead of every item, and keeps such
-    a list whole in a state of any structure (`ShadowTree`).
-    """
-
-    backend_data: Any = None
-    views: bool = True
-    specs: Any = None  # each shadow's (shape, dtype), where the backend or the core noted them
-    noted: tuple[Any, ...] | None = None  # the items when the core noted ``specs``
-
-    def first(self) -> Any:
-        """One of the shadow arrays (for its type and placement), reading no other."""
-        return self[0]
 
 
 class ShadowTree:

@@ -17,7 +17,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from emacore._kernel import reference_update
 
-__all__ = ["Backend", "BackendSpec", "Capabilities", "reference_update"]
+__all__ = ["Backend", "BackendSpec", "Capabilities", "ShadowList", "reference_update"]
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,31 @@ class Capabilities:
     self_checking: bool = False
     checks_signature: bool = False
     places_params: bool = False
+
+
+class ShadowList(list):  # type: ignore[type-arg]
+    """A flat list of shadows a backend created together, with the backend's notes on them.
+
+    What `Backend.create_shadows` may return (a backend subclasses it to hold its layout);
+    public here so that a backend or plugin needs no private emacore module.
+
+    ``backend_data`` lets a backend remember how it laid the shadows out (numpy packs them in
+    one buffer) without a lookup per step. ``flatten`` and ``unflatten`` pass the same object
+    through, so the notes survive a functional update of a flat list.
+
+    ``views`` is False where reading an item costs a copy (jax slices its packed buffers on
+    read): the core then reads ``first()`` and ``specs`` instead of every item, and keeps such
+    a list whole in a state of any structure (`ShadowTree`).
+    """
+
+    backend_data: Any = None
+    views: bool = True
+    specs: Any = None  # each shadow's (shape, dtype), where the backend or the core noted them
+    noted: tuple[Any, ...] | None = None  # the items when the core noted ``specs``
+
+    def first(self) -> Any:
+        """One of the shadow arrays (for its type and placement), reading no other."""
+        return self[0]
 
 
 @runtime_checkable

@@ -42,10 +42,8 @@ from typing import Any, cast
 import jax
 import jax.numpy as jnp
 
-from emacore import ArrayAPIBackend
-from emacore._pytree import ShadowList, ShadowTree
-from emacore._state import EMAState
-from emacore.backend import Capabilities
+from emacore import ArrayAPIBackend, EMAState, ShadowTree
+from emacore.backend import Capabilities, ShadowList
 
 __all__ = ["BACKEND", "JaxBackend"]
 

@@ -23,8 +23,7 @@ from typing import Any
 import numpy as np
 
 from emacore import ArrayAPIBackend
-from emacore._pytree import ShadowList
-from emacore.backend import Capabilities
+from emacore.backend import Capabilities, ShadowList
 from emacore.errors import ReadOnlyError
 
 __all__ = ["BACKEND", "NumpyBackend"]

@@ -33,8 +33,7 @@ import array_api_compat.torch as _xp
 import torch
 
 from emacore import ArrayAPIBackend
-from emacore._pytree import ShadowList
-from emacore.backend import Capabilities
+from emacore.backend import Capabilities, ShadowList
 from emacore.errors import ReadOnlyError
 
 __all__ = ["BACKEND", "TorchBackend"]

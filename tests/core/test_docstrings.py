@@ -17,6 +17,7 @@ import pytest
 
 import emacore
 import emacore_backends
+import emacore_testing
 
 BACKENDS = set(os.environ.get("EMACORE_TEST_BACKENDS", "numpy").split(","))
 # which session runs an example that imports one of these
@@ -28,6 +29,8 @@ def _modules() -> list[str]:
     names = [emacore.__name__]
     names += [m.name for m in pkgutil.walk_packages(emacore.__path__, "emacore.")]
     names += [m.name for m in pkgutil.walk_packages(emacore_backends.__path__, "emacore_backends.")]
+    names += [emacore_testing.__name__]  # the kit's API; its conformance modules are tests
+    names += [m.name for m in pkgutil.iter_modules(emacore_testing.__path__, "emacore_testing.")]
     return sorted(names)
 
 

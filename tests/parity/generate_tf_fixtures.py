@@ -2,7 +2,7 @@
 
 Run with an environment that has ``tensorflow-cpu`` (2.x) and ``numpy`` installed::
 
-    python tests/parity/generate_tf_fixtures.py --out src/emacore/testing/data/tf_parity.json
+    python tests/parity/generate_tf_fixtures.py --out src/emacore_testing/data/tf_parity.json
 
 (``nox -s parity`` does exactly this.) The output is deterministic: every input comes from
 ``np.random.default_rng(SEED)`` and the case list is a fixed product of the factors below.

@@ -1,4 +1,4 @@
-"""The conformance kit (emacore.testing) run as a third-party backend runs it: from a scratch
+"""The conformance kit (emacore_testing) run as a third-party backend runs it: from a scratch
 repository whose conftest.py defines its own ``lib`` fixture, in a subprocess pytest."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-import emacore.testing.conformance as conformance
+import emacore_testing.conformance as conformance
 
 # A third party's conftest.py: its own `lib` (here numpy's, from the kit's factory; a plugin
 # returns a Lib of its arrays), and a derandomized hypothesis profile, as CI wants.
@@ -19,7 +19,7 @@ CONFTEST = """\
 import pytest
 from hypothesis import settings
 
-from emacore.testing import Lib, numpy_lib
+from emacore_testing import Lib, numpy_lib
 
 settings.register_profile("third-party-ci", derandomize=True, database=None)
 settings.load_profile("third-party-ci")
@@ -29,7 +29,7 @@ settings.load_profile("third-party-ci")
 def lib() -> Lib:
     return {lib}
 """
-TESTS = "from emacore.testing.conformance import *  # noqa: F403\n"
+TESTS = "from emacore_testing.conformance import *  # noqa: F403\n"
 # numpy_lib with a `read` that drops the last element: every value check must catch it
 BROKEN = (
     "__import__('dataclasses').replace(numpy_lib(), "

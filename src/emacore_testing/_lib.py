@@ -63,7 +63,7 @@ class Lib:
     Examples
     --------
     >>> import numpy as np
-    >>> from emacore.testing import Lib
+    >>> from emacore_testing import Lib
     >>> mine = Lib(
     ...     name="mine",
     ...     backend="numpy",
@@ -103,7 +103,7 @@ def numpy_lib() -> Lib:
 
     Examples
     --------
-    >>> from emacore.testing import numpy_lib
+    >>> from emacore_testing import numpy_lib
     >>> lib = numpy_lib()
     >>> lib.read(lib.make([1.0, 2.0])), lib.dtype("float32")
     (array([1., 2.]), dtype('float32'))
@@ -136,7 +136,7 @@ def strict_lib() -> Lib:
 
     Examples
     --------
-    >>> from emacore.testing import strict_lib
+    >>> from emacore_testing import strict_lib
     >>> lib = strict_lib()
     >>> lib.device_of(lib.make([1.0])) == lib.device, lib.backend
     (True, 'array_api')
@@ -172,7 +172,7 @@ def torch_lib() -> Lib:
     Examples
     --------
     >>> import torch
-    >>> from emacore.testing import torch_lib
+    >>> from emacore_testing import torch_lib
     >>> lib = torch_lib()
     >>> lib.make([1.0, 2.0]).dtype, lib.dtype("float32")
     (torch.float64, torch.float32)
@@ -228,7 +228,7 @@ def jax_lib() -> Lib:
     Examples
     --------
     >>> import jax
-    >>> from emacore.testing import jax_lib
+    >>> from emacore_testing import jax_lib
     >>> lib = jax_lib()
     >>> import numpy as np
     >>> lib.mutable, lib.read(lib.make(np.array([1.0, 2.0], np.float32))).tolist()

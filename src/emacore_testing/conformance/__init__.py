@@ -1,10 +1,10 @@
-"""The conformance tests, written against a ``lib`` fixture (an `emacore.testing.Lib`).
+"""The conformance tests, written against a ``lib`` fixture (an `emacore_testing.Lib`).
 
 Each ``test_*`` module checks one area (the public API, bad input, checkpoints, TensorFlow
-parity...). ``from emacore.testing.conformance import *`` in a test module of yours brings the
+parity...). ``from emacore_testing.conformance import *`` in a test module of yours brings the
 tests of every module (their names are distinct across modules, and only the ``test_*``
 functions are exported), to run against the ``lib`` fixture of your ``conftest.py``; import one
-module's tests instead with, e.g., ``from emacore.testing.conformance.test_checkpoint import *``.
+module's tests instead with, e.g., ``from emacore_testing.conformance.test_checkpoint import *``.
 """
 
 import importlib

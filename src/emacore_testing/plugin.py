@@ -1,7 +1,7 @@
 """The pytest plugin of the conformance kit: a ``lib`` fixture for the built-in backends.
 
-Load it with ``pytest -p emacore.testing.plugin`` or ``pytest_plugins =
-["emacore.testing.plugin"]`` in a top-level ``conftest.py``. Its ``lib`` fixture is
+Load it with ``pytest -p emacore_testing.plugin`` or ``pytest_plugins =
+["emacore_testing.plugin"]`` in a top-level ``conftest.py``. Its ``lib`` fixture is
 parametrised by ``EMACORE_TEST_BACKENDS`` (comma-separated names of `BUILTIN_LIBS`; default:
 ``numpy,array_api_strict``), so every test that takes ``lib`` runs once per backend named. A
 requested backend that cannot import is an error, never a skip, so a broken install cannot pass
@@ -14,7 +14,7 @@ import os
 
 import pytest
 
-from emacore.testing._lib import BUILTIN_LIBS, Lib
+from emacore_testing._lib import BUILTIN_LIBS, Lib
 
 BACKENDS_ENV = "EMACORE_TEST_BACKENDS"
 DEFAULT_BACKENDS = "numpy,array_api_strict"
@@ -30,8 +30,8 @@ def requested_backends() -> list[str]:
 
     Examples
     --------
-    >>> from emacore.testing import BUILTIN_LIBS
-    >>> from emacore.testing.plugin import requested_backends
+    >>> from emacore_testing import BUILTIN_LIBS
+    >>> from emacore_testing.plugin import requested_backends
     >>> set(requested_backends()) <= set(BUILTIN_LIBS)
     True
     """

@@ -1,4 +1,4 @@
-"""TensorFlow parity: numbers from real TensorFlow (``emacore/testing/data/tf_parity.json``,
+"""TensorFlow parity: numbers from real TensorFlow (``emacore_testing/data/tf_parity.json``,
 package data of the kit, written by tests/parity/generate_tf_fixtures.py of emacore's
 repository under ``nox -s parity``) reproduced on every backend.
 
@@ -19,7 +19,7 @@ import pytest
 import emacore
 
 FIXTURES = json.loads(
-    (resources.files("emacore.testing") / "data" / "tf_parity.json").read_text("utf-8")
+    (resources.files("emacore_testing") / "data" / "tf_parity.json").read_text("utf-8")
 )
 CASES = FIXTURES["cases"]
 
